@@ -1,0 +1,105 @@
+"""The rollout interface shared by every generation engine (HF ``generate``, vLLM).
+
+An engine turns prompt token ids into sampled completions of the *current* student policy.
+Prompts go in as token ids and completions come out as token ids, so the exact sampled ids are
+what the student and the teacher later score (never re-tokenised text).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings of one ``generate`` call.
+
+    Attributes:
+        temperature: Softmax temperature (training rollouts: 1.1; evaluation: 1.0). 0 means greedy.
+        top_p: Nucleus mass.
+        top_k: Keep the ``top_k`` most likely tokens; ``-1`` or ``0`` disables it.
+        max_new_tokens: Completion cap ``L_max``; a completion that reaches it without a stop token
+            is ``truncated``.
+        num_rollouts: Completions per prompt.
+        seed: Base seed of the sampler; ``None`` leaves the engine's generator as it is.
+    """
+
+    temperature: float = 1.1
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 1024
+    num_rollouts: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_rollouts < 1:
+            raise ValueError(f"num_rollouts must be >= 1, got {self.num_rollouts}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled completion.
+
+    Attributes:
+        prompt_index: Index of its prompt in the ``generate`` call.
+        completion_ids: The sampled token ids, including the stop token when one was produced.
+        text: The completion decoded without special tokens (``<think>``/``</think>`` are kept).
+        truncated: True when it reached ``max_new_tokens`` without producing a stop token.
+    """
+
+    prompt_index: int
+    completion_ids: tuple[int, ...]
+    text: str
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.completion_ids)
+
+
+class RolloutEngine(abc.ABC):
+    """Generates completions of the current policy from prompt token ids.
+
+    Lifecycle: ``setup`` once per process (after the model exists), ``sync_policy`` once per
+    optimizer step before the step's first ``generate`` (engines that read the live module, like
+    HF ``generate``, need nothing), ``generate`` any number of times, ``close`` at teardown.
+    """
+
+    @abc.abstractmethod
+    def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
+        """Binds the engine to the policy.
+
+        Args:
+            model: The PEFT-wrapped student (adapter ``default`` is the policy).
+            tokenizer: Its tokenizer (pad/eos ids, decoding).
+            model_path: Local folder of the base weights (for engines that load their own copy).
+            seed: Per-rank seed of the sampler.
+        """
+
+    def sync_policy(self, model: Any, step: int) -> None:  # noqa: B027 - optional hook
+        """Makes the engine sample from ``model``'s current weights; called once per optimizer ``step``."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """Samples ``sampling.num_rollouts`` completions per prompt.
+
+        Returns:
+            ``len(prompt_ids) * num_rollouts`` rollouts, prompt-major: all rollouts of prompt 0,
+            then prompt 1, ...
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases the engine's resources."""
