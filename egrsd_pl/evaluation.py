@@ -482,7 +482,8 @@ def load_history(report_dir: str | Path) -> list[FrontierPoint]:
 
 
 def frontier_figure(points: Sequence[FrontierPoint]) -> Any:
-    """A matplotlib ``Figure`` (Agg canvas, no pyplot state): Avg. against AvgLen, one labelled point each."""
+    """A matplotlib ``Figure`` (Agg canvas, no pyplot state): Avg. against AvgLen, one labelled point each,
+    joined in step order; the last of ``points`` (the newest evaluation) in red."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -490,7 +491,9 @@ def frontier_figure(points: Sequence[FrontierPoint]) -> Any:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     ordered = sorted(points, key=lambda p: p.step)
-    axes.plot([p.avg_len for p in ordered], [p.avg for p in ordered], "-o", color="tab:blue", alpha=0.8)
+    axes.plot([p.avg_len for p in ordered], [p.avg for p in ordered], "-o", color="tab:blue", alpha=0.6)
+    if points:  # the newest evaluation stands out
+        axes.plot([points[-1].avg_len], [points[-1].avg], "o", color="tab:red", markersize=8)
     for point in ordered:
         axes.annotate(
             point.label, (point.avg_len, point.avg), textcoords="offset points", xytext=(4, 4), fontsize=8
