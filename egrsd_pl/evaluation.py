@@ -42,8 +42,11 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 from torchmetrics import Metric
+from tqdm.auto import tqdm
 
+from egrsd_pl.datasets import load_problems
 from egrsd_pl.problem import Problem
+from egrsd_pl.rewards import AnswerVerifier
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 
 
@@ -134,8 +137,6 @@ def load_benchmarks(
     benchmarks: Sequence[Benchmark | str], bench_dir: str | Path | None = None
 ) -> dict[str, list[Problem]]:
     """Loads every benchmark (in order) into ``{name: problems}``, applying each ``limit``."""
-    from egrsd_pl.datasets import load_problems
-
     loaded: dict[str, list[Problem]] = {}
     for spec in benchmarks:
         benchmark = resolve_benchmark(spec, bench_dir)
@@ -353,8 +354,6 @@ def evaluate(
         raise ValueError("evaluate needs at least one benchmark")
     owned_verifier = verifier is None
     if verifier is None:
-        from egrsd_pl.rewards import AnswerVerifier
-
         verifier = AnswerVerifier()
     shards = {name: list(problems)[rank::world_size] for name, problems in benchmarks.items()}
     bar = _progress_bar(sum(len(s) for s in shards.values()), enabled=progress and rank == 0)
@@ -437,8 +436,6 @@ def _sample_matrices(
 
 
 def _progress_bar(total: int, *, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="eval", unit="problem", disable=not enabled, leave=False)
 
 

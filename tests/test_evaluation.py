@@ -13,7 +13,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import PeriodicEvaluation
 from egrsd_pl.evaluation import (
@@ -31,7 +33,11 @@ from egrsd_pl.evaluation import (
     write_report,
 )
 from egrsd_pl.problem import Problem
+from egrsd_pl.prompts import PromptBuilder
+from egrsd_pl.rewards import AnswerVerifier, verify_answer
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.hf import HFGenerateEngine
+from egrsd_pl.testbed.synthetic import synthetic_problems
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench"
 PAPER_COUNTS = {"aime24": 30, "aime25": 30, "hmmt25": 30, "math500": 500, "minerva": 272, "gsm8k": 1319}
@@ -260,8 +266,6 @@ def test_paper_benchmarks_load_with_their_counts() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="shared/data/bench is absent")
 def test_every_paper_gold_boxed_after_thinking_is_correct() -> None:
-    from egrsd_pl.rewards import AnswerVerifier
-
     loaded = load_benchmarks(list(PAPER_BENCHMARKS), BENCH_DIR)
     golds = [p.answer for name in PAPER_BENCHMARKS for p in loaded[name]]
     completions = [
@@ -356,8 +360,6 @@ class _StubModule(pl.LightningModule):
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert "eval/frontier" in events.Tags()["images"]
@@ -421,13 +423,6 @@ def test_callback_logs_to_tensorboard_under_accumulation(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- tiny testbed
 @pytest.mark.slow
 def test_greedy_avg_at_1_equals_a_plain_greedy_loop(tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from egrsd_pl.prompts import PromptBuilder
-    from egrsd_pl.rewards import verify_answer
-    from egrsd_pl.rollout.hf import HFGenerateEngine
-    from egrsd_pl.testbed import synthetic_problems
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     builder = PromptBuilder(tokenizer, student_thinking=True)
