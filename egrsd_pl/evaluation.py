@@ -28,6 +28,8 @@ synthetic  ``synthetic:200``            test     (testbed)        (testbed)
 =========  ===========================  =======  ===============  ==============
 
 ``synthetic`` is the held-out split of the tiny testbed's arithmetic problems.
+
+Accuracies (``avg@K``, ``pass@K``, ``Avg.``) are percentages, as in the paper's tables.
 """
 
 from __future__ import annotations
@@ -184,6 +186,12 @@ class BenchmarkMetric(Metric):
 
     full_state_update = False
     higher_is_better = True
+    correct: torch.Tensor
+    samples: torch.Tensor
+    solved: torch.Tensor
+    problems: torch.Tensor
+    tokens: torch.Tensor
+    truncated: torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -202,22 +210,22 @@ class BenchmarkMetric(Metric):
             raise ValueError(
                 f"expected three [P, K] tensors, got {correct.shape}, {lengths.shape}, {truncated.shape}"
             )
-        self.correct += correct.sum()  # type: ignore[operator]
-        self.samples += correct.numel()  # type: ignore[operator]
-        self.solved += correct.any(dim=1).sum()  # type: ignore[operator]  # [P] -> scalar
-        self.problems += correct.shape[0]  # type: ignore[operator]
-        self.tokens += lengths.sum()  # type: ignore[operator]
-        self.truncated += truncated.sum()  # type: ignore[operator]
+        self.correct += correct.sum()
+        self.samples += correct.numel()
+        self.solved += correct.any(dim=1).sum()  # [P] -> scalar
+        self.problems += correct.shape[0]
+        self.tokens += lengths.sum()
+        self.truncated += truncated.sum()
 
     def compute(self) -> BenchmarkScores:
-        samples, problems = int(self.samples), int(self.problems)  # type: ignore[call-overload]
+        samples, problems = int(self.samples), int(self.problems)
         if samples == 0:
             raise ValueError("BenchmarkMetric.compute: no samples on any rank")
         return BenchmarkScores(
-            avg_at_k=100.0 * float(self.correct) / samples,  # type: ignore[arg-type]
-            pass_at_k=100.0 * float(self.solved) / problems,  # type: ignore[arg-type]
-            mean_length=float(self.tokens) / samples,  # type: ignore[arg-type]
-            truncated=100.0 * float(self.truncated) / samples,  # type: ignore[arg-type]
+            avg_at_k=100.0 * float(self.correct) / samples,
+            pass_at_k=100.0 * float(self.solved) / problems,
+            mean_length=float(self.tokens) / samples,
+            truncated=100.0 * float(self.truncated) / samples,
             num_problems=problems,
             num_samples=samples,
         )
@@ -331,6 +339,11 @@ def evaluate(
 
     Every rank must call this with the same benchmarks in the same order (the reduction is a
     collective). The engine must already sample from the policy to evaluate (``sync_policy``).
+
+    Decision: a sample is correct when the verifier accepts its final boxed answer, whether or not
+    it reached ``max_new_tokens`` (as the OPSD evaluation the paper follows scores the raw response);
+    truncation is reported separately. Training rewards additionally zero truncated rollouts.
+    A completion's length is ``len(completion_ids)``, the stop token included when one was produced.
 
     Args:
         engine: A set-up rollout engine.
