@@ -1,0 +1,38 @@
+"""Logs the total gradient norm before clipping (``grad/norm_preclip``) and whether clipping acted."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.optim import Optimizer
+
+
+class GradNormMonitor(L.Callback):
+    """Logs ``grad/norm_preclip`` every optimizer step, and ``grad/clipped`` (1 when it exceeds the clip value).
+
+    Lightning calls ``on_before_optimizer_step`` after the gradients are unscaled (mixed precision)
+    and all-reduced (DDP), and before ``gradient_clip_val`` is applied, so the norm is the one the
+    clipping sees.
+
+    Args:
+        norm_type: The p of the p-norm (2 = Euclidean, as clipping uses).
+    """
+
+    def __init__(self, norm_type: float = 2.0) -> None:
+        self.norm_type = norm_type
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
+    ) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.detach().float(), self.norm_type) for g in grads]),
+            self.norm_type,
+        )
+        pl_module.log("grad/norm_preclip", norm, batch_size=1)
+        clip = trainer.gradient_clip_val
+        if clip and self.norm_type == 2.0 and trainer.gradient_clip_algorithm in (None, "norm"):
+            # clip_grad_norm_ scales the gradients by clip / (norm + 1e-6) whenever that factor is below 1.
+            pl_module.log("grad/clipped", (norm + 1e-6 > clip).float(), batch_size=1)

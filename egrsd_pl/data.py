@@ -1,0 +1,362 @@
+"""The on-policy rollout DataModule: problem batches in, fresh scored rollouts packed for both models out.
+
+The DataLoader yields plain problem batches. Right before each training step (Lightning's
+``on_after_batch_transfer``) the batch's rollouts are sampled from the *current* policy, scored
+(verification + length shaping) and packed into aligned student and teacher inputs from token ids.
+Nothing is ever stale: a rollout is generated in the step that trains on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from egrsd_pl.datasets import load_problems
+from egrsd_pl.problem import Problem
+from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
+from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
+from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.hf import HFGenerateEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutBatch:
+    """Everything one training step needs, for ``N = len(problems) * num_rollouts`` sequences.
+
+    Attributes:
+        problems: The ``P`` problems of the batch.
+        rollouts: ``N`` rollouts, prompt-major (empty for ``sft``, which trains on the reference).
+        rewards: ``[N]`` float32 length-shaped rewards (SPEC.md step 2).
+        correct: ``[N]`` bool verification results.
+        group_ids: ``[N]`` long index of each rollout's problem in the batch (GRPO groups).
+        student: Student prompt + completion, packed (``sft``: + reference solution).
+        teacher: Privileged teacher prompt + the same completion ids (``None`` for ``sft``).
+        rollout_seconds: Wall time spent generating.
+    """
+
+    problems: list[Problem]
+    rollouts: list[Rollout]
+    rewards: Tensor
+    correct: Tensor
+    group_ids: Tensor
+    student: PackedBatch
+    teacher: PackedBatch | None
+    rollout_seconds: float = 0.0
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        def move(packed: PackedBatch | None) -> PackedBatch | None:
+            return None if packed is None else PackedBatch(*(t.to(device) for t in packed))
+
+        self.rewards, self.correct, self.group_ids = (
+            self.rewards.to(device),
+            self.correct.to(device),
+            self.group_ids.to(device),
+        )
+        self.student = move(self.student)  # type: ignore[assignment]
+        self.teacher = move(self.teacher)
+        return self
+
+
+class _ProblemDataset(Dataset[Problem]):
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index: int) -> Problem:
+        return self.problems[index]
+
+
+class ResumableShardSampler(Sampler[int]):
+    """A seeded per-epoch permutation, sharded by rank, that can resume mid-epoch.
+
+    Rank ``r`` of ``W`` takes items ``r, r + W, ...`` of the epoch's permutation (the tail that does
+    not fill every rank is dropped, so every rank runs the same number of steps). ``skip`` drops the
+    first items of the first epoch iterated, to continue exactly where a checkpoint stopped.
+    """
+
+    def __init__(
+        self, num_items: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
+        if num_items < world_size:
+            raise ValueError(f"{num_items} problems cannot be sharded over {world_size} ranks")
+        self.num_items, self.seed, self.rank, self.world_size, self.shuffle = (
+            num_items,
+            seed,
+            rank,
+            world_size,
+            shuffle,
+        )
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items // self.world_size - self.skip
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+        else:
+            order = list(range(self.num_items))
+        per_rank = self.num_items // self.world_size
+        shard = order[self.rank : per_rank * self.world_size : self.world_size]
+        skip, self.skip = self.skip, 0
+        yield from shard[skip:]
+
+
+def _collate_problems(problems: list[Problem]) -> list[Problem]:
+    return problems
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Problems in, fresh on-policy rollouts out, every training step.
+
+    Args:
+        train_source: Training problems: a local ``.jsonl``/``.json``/``.parquet`` file, a hub
+            dataset name (paper: ``siyanzhao/Openthoughts_math_30k_opsd``) or ``synthetic:<n>``
+            (the offline testbed's arithmetic problems).
+        split: Split of a hub dataset (and of the synthetic generator).
+        problem_column: Column holding the problem text.
+        solution_column: Column holding the reference solution shown to the teacher.
+        answer_column: Column holding the gold answer; when absent the gold is the last
+            ``\\boxed{}`` of the solution.
+        id_column: Column holding a row id (row numbers are used when absent).
+        limit: Keep only the first ``limit`` problems.
+        skip_invalid: Count, skip and report malformed rows instead of failing on the first one.
+        batch_size: Problems per device per step (paper: 4).
+        engine: Rollout engine (default :class:`HFGenerateEngine`; ``egrsd_pl.rollout.VLLMEngine``
+            for vLLM).
+        num_rollouts: Rollouts per problem (paper: 1).
+        temperature: Sampling temperature of training rollouts (paper: 1.1).
+        top_p: Nucleus mass (paper: 0.95).
+        top_k: Top-k (paper: 20; ``-1`` disables).
+        max_new_tokens: Completion cap ``L_max`` (paper: 1,024); also the length-shaping scale.
+        length_beta: Length-shaping coefficient ``β_L`` (paper: 0.5).
+        max_length: Cap on prompt + completion tokens (paper: 20,000): problems whose teacher
+            prompt plus ``max_new_tokens`` exceed it are skipped and counted, never truncated.
+        seed: Seed of the problem order and of the rollout samplers (offset per rank and step).
+        verify_workers: Processes verifying answers in parallel.
+    """
+
+    def __init__(
+        self,
+        train_source: str = "synthetic:4000",
+        split: str = "train",
+        problem_column: str = "problem",
+        solution_column: str = "solution",
+        answer_column: str | None = "answer",
+        id_column: str | None = "id",
+        limit: int | None = None,
+        skip_invalid: bool = False,
+        batch_size: int = 4,
+        engine: RolloutEngine | None = None,
+        num_rollouts: int = 1,
+        temperature: float = 1.1,
+        top_p: float = 0.95,
+        top_k: int = 20,
+        max_new_tokens: int = 1024,
+        length_beta: float = 0.5,
+        max_length: int = 20_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
+        if length_beta < 0:
+            raise ValueError(f"--data.length_beta must be >= 0, got {length_beta}")
+        if max_length <= max_new_tokens:
+            raise ValueError(
+                f"--data.max_length ({max_length}) must exceed --data.max_new_tokens ({max_new_tokens})"
+            )
+        self.sampling = SamplingConfig(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            num_rollouts=num_rollouts,
+        )
+        self.save_hyperparameters(ignore=["engine"])
+        self.engine: RolloutEngine = engine if engine is not None else HFGenerateEngine()
+        self.verifier: AnswerVerifier | None = None
+        self.problems: list[Problem] = []
+        self.num_skipped_long = 0
+        self._sampler: ResumableShardSampler | None = None
+        self._batches_in_epoch = 0
+        self._epoch_seen = 0
+        self._restored: dict[str, int] | None = None
+        self._engine_ready = False
+
+    # ----------------------------------------------------------------- data
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.problems:
+            hp = self.hparams
+            self.problems = load_problems(
+                hp.train_source,
+                split=hp.split,
+                problem_column=hp.problem_column,
+                solution_column=hp.solution_column,
+                answer_column=hp.answer_column,
+                id_column=hp.id_column,
+                limit=hp.limit,
+                skip_invalid=hp.skip_invalid,
+            )
+        if self.verifier is None:
+            self.verifier = AnswerVerifier()
+
+    def train_dataloader(self) -> DataLoader:
+        builder = self._prompt_builder()
+        kept = [p for p in self.problems if self._fits(builder, p)]
+        self.num_skipped_long = len(self.problems) - len(kept)
+        if self.num_skipped_long:
+            log.warning(
+                "skipped %d of %d problems whose teacher prompt + %d new tokens exceed --data.max_length %d",
+                self.num_skipped_long,
+                len(self.problems),
+                self.hparams.max_new_tokens,
+                self.hparams.max_length,
+            )
+        if not kept:
+            raise ValueError(f"no training problem fits --data.max_length {self.hparams.max_length}")
+        trainer = self.trainer
+        self._sampler = ResumableShardSampler(
+            len(kept),
+            seed=self.hparams.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        if self._restored is not None:
+            self._sampler.set_epoch(self._restored["epoch"])
+            self._sampler.skip = self._restored["batches_in_epoch"] * self.hparams.batch_size
+            self._epoch_seen, self._batches_in_epoch = self._restored["epoch"], self._restored["batches_in_epoch"]
+            self._restored = None
+        return DataLoader(
+            _ProblemDataset(kept),
+            batch_size=self.hparams.batch_size,
+            sampler=self._sampler,
+            collate_fn=_collate_problems,
+            drop_last=True,
+        )
+
+    def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
+        length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))
+        return length + self.hparams.max_new_tokens <= self.hparams.max_length
+
+    def _prompt_builder(self) -> PromptBuilder:
+        module = self.trainer.lightning_module if self.trainer else None
+        builder = getattr(module, "prompt_builder", None)
+        if builder is None:
+            raise RuntimeError("RolloutDataModule needs a module with a `prompt_builder` (EGRSDModule)")
+        return builder
+
+    # ------------------------------------------------------------- rollouts
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # problems stay on the host; the packed tensors move in on_after_batch_transfer
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        if trainer.current_epoch != self._epoch_seen:
+            self._epoch_seen, self._batches_in_epoch = trainer.current_epoch, 0
+        self._batches_in_epoch += 1
+        module = trainer.lightning_module
+        step = trainer.global_step
+        seed = _rollout_seed(self.hparams.seed, trainer.current_epoch, step, trainer.global_rank, self._batches_in_epoch)
+        return self.make_batch(batch, module, step=step, seed=seed).to(module.device)
+
+    def make_batch(self, problems: list[Problem], module: Any, *, step: int, seed: int) -> RolloutBatch:
+        """Samples, scores and packs one batch (SPEC.md steps 1–2) for the module's objective."""
+        builder: PromptBuilder = module.prompt_builder
+        student_prompts = [builder.student_prompt_ids(p.problem) for p in problems]
+        pad_id = module.tokenizer.pad_token_id
+        if not module.objective_spec.uses_rollouts:  # sft: the reference solution is the completion
+            targets = [builder.sft_target_ids(p.solution) for p in problems]
+            return RolloutBatch(
+                problems=list(problems),
+                rollouts=[],
+                rewards=torch.zeros(0),
+                correct=torch.zeros(0, dtype=torch.bool),
+                group_ids=torch.zeros(0, dtype=torch.long),
+                student=pack_completions(student_prompts, targets, pad_id=pad_id),
+                teacher=None,
+            )
+        self.ensure_engine(module)
+        self.engine.sync_policy(module.policy, step)
+        start = time.perf_counter()
+        sampling = SamplingConfig(**{**self.sampling.__dict__, "seed": seed})
+        rollouts = self.engine.generate(student_prompts, sampling)
+        rollout_seconds = time.perf_counter() - start
+        rewards, correct = self.score(problems, rollouts)
+        completions = [list(r.completion_ids) for r in rollouts]
+        owners = [problems[r.prompt_index] for r in rollouts]
+        teacher_prompts = [builder.teacher_prompt_ids(p.problem, p.solution) for p in owners]
+        return RolloutBatch(
+            problems=list(problems),
+            rollouts=rollouts,
+            rewards=rewards,
+            correct=correct,
+            group_ids=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
+            student=pack_completions([student_prompts[r.prompt_index] for r in rollouts], completions, pad_id=pad_id),
+            teacher=pack_completions(teacher_prompts, completions, pad_id=pad_id),
+            rollout_seconds=rollout_seconds,
+        )
+
+    def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
+        """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``."""
+        if self.verifier is None:
+            self.verifier = AnswerVerifier()
+        golds = [problems[r.prompt_index].answer for r in rollouts]
+        verdicts = self.verifier.verify_batch([r.text for r in rollouts], golds)
+        # A truncated completion has no final answer by construction; it still gets r = 0 via its verdict.
+        rewards = [
+            length_shaped_reward(ok and not r.truncated, r.length, self.sampling.max_new_tokens, self.hparams.length_beta)
+            for ok, r in zip(verdicts, rollouts, strict=True)
+        ]
+        correct = [ok and not r.truncated for ok, r in zip(verdicts, rollouts, strict=True)]
+        return torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
+
+    def ensure_engine(self, module: Any) -> None:
+        if not self._engine_ready:
+            rank = self.trainer.global_rank if self.trainer else 0
+            self.engine.setup(
+                module.policy, module.tokenizer, model_path=module.model_path, seed=self.hparams.seed + 7919 * rank
+            )
+            self._engine_ready = True
+
+    def teardown(self, stage: str) -> None:
+        if self._engine_ready:
+            self.engine.close()
+            self._engine_ready = False
+        if self.verifier is not None:
+            self.verifier.close()
+            self.verifier = None
+
+    # --------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        return {"epoch": epoch, "batches_in_epoch": self._batches_in_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = {"epoch": int(state_dict["epoch"]), "batches_in_epoch": int(state_dict["batches_in_epoch"])}
+
+
+def _rollout_seed(seed: int, epoch: int, step: int, rank: int, batch_in_epoch: int) -> int:
+    """A distinct, reproducible sampler seed per (run seed, epoch, optimizer step, rank, micro-batch)."""
+    return (seed * 1_000_003 + epoch * 7_919 + step * 10_007 + rank * 101 + batch_in_epoch) % (2**31 - 1)
