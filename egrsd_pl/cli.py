@@ -46,9 +46,12 @@ class EGRSDCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
 
 
-def build_cli(args: list[str] | None = None, *, run: bool = True) -> EGRSDCLI:
-    """Builds (and by default runs) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
-    return EGRSDCLI(
+def build_cli(args: list[str] | None = None, *, run: bool = True, cli_class: type[EGRSDCLI] = EGRSDCLI) -> EGRSDCLI:
+    """Builds (and by default runs) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments.
+    """
+    return cli_class(
         EGRSDModule,
         RolloutDataModule,
         trainer_defaults=TRAINER_DEFAULTS,

@@ -107,7 +107,9 @@ class ResumableShardSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_items // self.world_size - self.skip
+        # The full epoch, also while skipping: Lightning restores its batch counter on resume and ends the
+        # epoch when that counter reaches len(dataloader); a shorter length would end later epochs early.
+        return self.num_items // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -152,7 +154,9 @@ class RolloutDataModule(L.LightningDataModule):
         max_length: Cap on prompt + completion tokens (paper: 20,000): problems whose teacher
             prompt plus ``max_new_tokens`` exceed it are skipped and counted, never truncated.
         seed: Seed of the problem order and of the rollout samplers (offset per rank and step).
-        verify_workers: Processes verifying answers in parallel.
+        verify_workers: Processes verifying answers in parallel (math-verify runs out of process so its
+            time limits hold in any thread).
+        verify_timeout_s: Seconds one answer may take before it is scored wrong (and counted).
     """
 
     def __init__(
@@ -175,6 +179,8 @@ class RolloutDataModule(L.LightningDataModule):
         length_beta: float = 0.5,
         max_length: int = 20_000,
         seed: int = 0,
+        verify_workers: int = 1,
+        verify_timeout_s: float = 5.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -218,7 +224,10 @@ class RolloutDataModule(L.LightningDataModule):
                 skip_invalid=hp.skip_invalid,
             )
         if self.verifier is None:
-            self.verifier = AnswerVerifier()
+            self.verifier = self._new_verifier()
+
+    def _new_verifier(self) -> AnswerVerifier:
+        return AnswerVerifier(num_workers=self.hparams.verify_workers, timeout_s=self.hparams.verify_timeout_s)
 
     def train_dataloader(self) -> DataLoader:
         builder = self._prompt_builder()
@@ -321,7 +330,7 @@ class RolloutDataModule(L.LightningDataModule):
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
         """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``."""
         if self.verifier is None:
-            self.verifier = AnswerVerifier()
+            self.verifier = self._new_verifier()
         golds = [problems[r.prompt_index].answer for r in rollouts]
         verdicts = self.verifier.verify_batch([r.text for r in rollouts], golds)
         # A truncated completion has no final answer by construction; it still gets r = 0 via its verdict.
@@ -351,6 +360,8 @@ class RolloutDataModule(L.LightningDataModule):
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         epoch = self.trainer.current_epoch if self.trainer else 0
+        if epoch != self._epoch_seen:  # Lightning closed the epoch of the counted batches: the next one starts
+            return {"epoch": epoch, "batches_in_epoch": 0}
         return {"epoch": epoch, "batches_in_epoch": self._batches_in_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
