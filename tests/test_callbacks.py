@@ -1,0 +1,296 @@
+"""The callbacks that are part of the algorithm (teacher schedule, reward statistics), grad-norm logging and
+checkpoints: pure predicates without a Trainer, hooks with a stand-in trainer, mechanisms on a toy module.
+
+The same callbacks on the tiny Qwen3 through the real CLI are in ``test_resume.py`` and ``test_ddp.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.checkpoint import AdapterCheckpoint, adapter_dir
+from callbacks.grad_norm import GradNormMonitor
+from callbacks.reward_statistics import RewardStatistics
+from callbacks.teacher_update import TeacherUpdate
+
+# ---------------------------------------------------------------- teacher schedule
+
+
+def test_should_update_frozen_never_ema_every_step_hard_copy_at_multiples_of_k():
+    steps = range(0, 13)
+    assert [s for s in steps if TeacherUpdate("frozen").should_update(s)] == []
+    assert [s for s in steps if TeacherUpdate("ema").should_update(s)] == list(range(1, 13))
+    assert [s for s in steps if TeacherUpdate("hard_copy", every_k_steps=4).should_update(s)] == [4, 8, 12]
+    assert [s for s in steps if TeacherUpdate("hard_copy", every_k_steps=1).should_update(s)] == list(
+        range(1, 13)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"schedule": "swa"}, "--teacher.schedule"),
+        ({"ema_alpha": 1.0}, "--teacher.ema_alpha"),
+        ({"every_k_steps": 0}, "--teacher.every_k_steps"),
+    ],
+)
+def test_teacher_update_validates_its_flags(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        TeacherUpdate(**kwargs)
+
+
+class _RecordingModule:
+    """Stands in for EGRSDModule: records the α of each teacher update."""
+
+    def __init__(self, teacher: str = "ema") -> None:
+        self.alphas: list[float] = []
+        self.hparams = SimpleNamespace(teacher=teacher)
+        self.device = torch.device("cpu")
+
+    def update_teacher(self, alpha: float) -> None:
+        self.alphas.append(alpha)
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def log_dict(self, *args, **kwargs) -> None:
+        pass
+
+
+def _run_batches(callback: L.Callback, module, global_steps: list[int], trainer=None) -> None:
+    """Calls ``on_train_batch_end`` once per micro-batch, with the trainer's step counter after it."""
+    trainer = trainer or SimpleNamespace(global_step=0)
+    for batch_idx, step in enumerate(global_steps):
+        trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, None, batch_idx)
+
+
+def test_hard_copy_fires_exactly_at_multiples_of_k_with_alpha_zero():
+    callback, module = TeacherUpdate("hard_copy", every_k_steps=3), _RecordingModule("hard_copy")
+    _run_batches(callback, module, list(range(1, 11)))  # optimizer steps 1..10
+    assert module.alphas == [0.0, 0.0, 0.0]  # after steps 3, 6, 9
+    assert callback.num_updates == 3 and callback.state_dict()["last_updated_step"] == 9
+
+
+def test_ema_fires_once_per_optimizer_step_under_gradient_accumulation():
+    callback, module = TeacherUpdate("ema", ema_alpha=0.9), _RecordingModule("ema")
+    # accumulate_grad_batches=3: the counter moves on every third micro-batch only.
+    _run_batches(callback, module, [0, 0, 1, 1, 1, 2, 2, 2, 3])
+    assert module.alphas == [0.9, 0.9, 0.9]  # steps 1, 2, 3: once each
+
+
+def test_teacher_update_state_round_trip_and_schedule_change_is_refused():
+    callback = TeacherUpdate("hard_copy", every_k_steps=2)
+    _run_batches(callback, _RecordingModule("hard_copy"), [1, 2, 3, 4])
+    restored = TeacherUpdate("hard_copy", every_k_steps=2)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict() == {"schedule": "hard_copy", "num_updates": 2, "last_updated_step": 4}
+    with pytest.raises(ValueError, match="cannot change on resume"):
+        TeacherUpdate("ema").load_state_dict(callback.state_dict())
+
+
+def test_teacher_update_refuses_a_checkpoint_without_teacher_adapter():
+    student_only = {"state_dict": {"policy.base_model.model.q_proj.lora_A.default.weight": torch.zeros(1)}}
+    with pytest.raises(ValueError, match="no teacher adapter"):
+        TeacherUpdate("ema").on_load_checkpoint(None, None, student_only)
+    TeacherUpdate("frozen").on_load_checkpoint(None, None, student_only)  # nothing to restore
+
+
+def test_teacher_update_refuses_a_module_with_another_schedule():
+    with pytest.raises(ValueError, match="--teacher.schedule 'ema' disagrees with --model.teacher 'frozen'"):
+        TeacherUpdate("ema").setup(None, _RecordingModule("frozen"), "fit")
+
+
+# ---------------------------------------------------------------- reward statistics
+
+
+class _GatherIdentity:
+    """Single-process strategy stand-in: ``all_gather`` returns the tensor itself."""
+
+    @staticmethod
+    def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def test_reward_statistics_merge_once_per_optimizer_step_after_all_micro_batches():
+    callback, module = RewardStatistics(warmup_steps=1), _RecordingModule()
+    trainer = SimpleNamespace(global_step=0, strategy=_GatherIdentity())
+    # Step 1 = two micro-batches (accumulation 2); the advantage of both uses the statistics before step 1.
+    assert torch.equal(callback.stats.advantages(torch.tensor([1.0, 0.0])), torch.tensor([0.5, -0.5]))
+    callback.record(torch.tensor([1.0, 0.0]))
+    _run_batches(callback, module, [0], trainer)  # micro-batch 1: no optimizer step, nothing merged
+    assert callback.stats.count == 0
+    callback.record(torch.tensor([1.5, 0.5]))
+    _run_batches(callback, module, [1], trainer)  # micro-batch 2 stepped: merge all four rewards
+    # rewards 1, 0, 1.5, 0.5: mean 0.75; squared deviations 0.0625 + 0.5625 + 0.5625 + 0.0625 = 1.25 -> var 0.3125
+    assert callback.stats.count == 4 and callback.stats.steps == 1
+    assert callback.stats.mean == pytest.approx(0.75, abs=1e-12)
+    assert callback.stats.std == pytest.approx(0.3125**0.5, abs=1e-12)
+    _run_batches(callback, module, [1], trainer)  # the hook again at the same step: no second merge
+    assert callback.stats.count == 4
+    # Step 2 (warm-up of 1 step over): A = (r - 0.75) / sqrt(0.3125); r = 1.75 -> 1 / 0.5590 = 1.7889
+    assert callback.stats.advantages(torch.tensor([1.75])).item() == pytest.approx(1 / 0.3125**0.5, abs=1e-6)
+
+
+def test_reward_statistics_state_round_trip():
+    callback = RewardStatistics()
+    callback.record(torch.tensor([0.25, 1.0, 0.0]))
+    _run_batches(
+        callback, _RecordingModule(), [1], SimpleNamespace(global_step=0, strategy=_GatherIdentity())
+    )
+    restored = RewardStatistics()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict() == callback.state_dict()
+    assert restored.state_dict()["last_updated_step"] == 1
+
+
+def test_reward_statistics_should_update_is_once_per_step():
+    assert not RewardStatistics.should_update(0, -1)  # no optimizer step yet
+    assert RewardStatistics.should_update(1, -1)
+    assert not RewardStatistics.should_update(1, 1)  # already merged at step 1
+    assert RewardStatistics.should_update(2, 1)
+
+
+# ---------------------------------------------------------------- toy Lightning runs
+
+
+class _Linear(L.LightningModule):
+    """``loss = w · x`` on a constant batch: the gradient is ``x`` and AdamW's moments carry history."""
+
+    def __init__(self, x: list[float]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(len(x)))
+        self.register_buffer("x", torch.tensor(x))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w * self.x).sum() + 0.0 * batch.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+
+
+class _Capture(L.Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def _trainer(tmp_path: Path, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    kwargs = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        **kwargs,
+    }
+    return L.Trainer(callbacks=callbacks, **kwargs)
+
+
+def test_grad_norm_logs_preclip_norm_and_whether_clipping_acted(tmp_path):
+    capture = _Capture()
+    trainer = _trainer(
+        tmp_path, [GradNormMonitor(), capture], max_steps=1, gradient_clip_val=0.1, enable_checkpointing=False
+    )
+    trainer.fit(_Linear([3.0, 4.0]))
+    # grad = x = (3, 4): ||grad|| = sqrt(9 + 16) = 5 before clipping; 5 > 0.1 so clipping acted
+    assert capture.metrics[0]["grad/norm_preclip"] == pytest.approx(5.0, abs=1e-6)
+    assert capture.metrics[0]["grad/clipped"] == 1.0
+
+
+def test_grad_norm_reports_no_clipping_below_the_threshold(tmp_path):
+    capture = _Capture()
+    trainer = _trainer(
+        tmp_path, [GradNormMonitor(), capture], max_steps=1, gradient_clip_val=1.0, enable_checkpointing=False
+    )
+    trainer.fit(_Linear([0.3, 0.4]))
+    # ||(0.3, 0.4)|| = 0.5 < 1.0: not clipped
+    assert capture.metrics[0]["grad/norm_preclip"] == pytest.approx(0.5, abs=1e-6)
+    assert capture.metrics[0]["grad/clipped"] == 0.0
+
+
+def test_adapter_dir_sits_beside_the_checkpoint():
+    assert adapter_dir("runs/x/checkpoints/epoch=0-step=25.ckpt") == Path(
+        "runs/x/checkpoints/epoch=0-step=25_adapter"
+    )
+    assert adapter_dir("runs/x/checkpoints/last.ckpt") == Path("runs/x/checkpoints/last_adapter")
+
+
+def test_checkpoint_defaults_keep_every_checkpoint_every_25_steps_and_last():
+    callback = AdapterCheckpoint()
+    assert (callback._every_n_train_steps, callback.save_last, callback.save_top_k) == (25, True, -1)
+
+
+def test_checkpoint_saves_periodically_and_at_the_end_of_training(tmp_path):
+    checkpoint = AdapterCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_adapter=False)
+    _trainer(tmp_path, [checkpoint], max_steps=5).fit(_Linear([1.0, -2.0]))
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    # steps 2 and 4 periodically, 5 as the final step (ModelCheckpoint alone would drop it), last = step 5
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_ckpt_path_last_finds_the_newest_last_checkpoint_of_every_logger_version(tmp_path):
+    for version, mtime in (("version_0", 1_000), ("version_1", 2_000)):
+        folder = tmp_path / "runs" / "exp" / version / "checkpoints"
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").write_bytes(b"")
+        (folder / "epoch=0-step=2.ckpt").write_bytes(b"")
+        os.utime(folder / "last.ckpt", (mtime, mtime))
+    trainer = _trainer(tmp_path, [], logger=TensorBoardLogger(str(tmp_path / "runs"), name="exp"))
+    found = AdapterCheckpoint()._find_last_checkpoints(trainer)  # this run will log into version_2
+    assert {Path(p).parent.parent.name for p in found} == {"version_0", "version_1"}
+    assert all(Path(p).name == "last.ckpt" for p in found)
+
+
+class _SendSignal(L.Callback):
+    """Sends ``signum`` to this process during step ``at_step`` (before the step's end)."""
+
+    def __init__(self, signum: int, at_step: int) -> None:
+        self.signum, self.at_step = signum, at_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, None), (signal.SIGINT, 1)])
+def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(tmp_path, signum, exit_code):
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        straight = _Linear([1.0, -2.0])
+        _trainer(tmp_path / "a", [], max_steps=4, enable_checkpointing=False).fit(straight)
+
+        first = _Linear([1.0, -2.0])
+        checkpoint = AdapterCheckpoint(
+            dirpath=str(tmp_path / "b"), every_n_train_steps=100, save_adapter=False
+        )
+        with pytest.raises(SystemExit) as stopped:
+            _trainer(tmp_path / "b", [checkpoint, _SendSignal(signum, at_step=2)], max_steps=4).fit(first)
+        assert stopped.value.code == exit_code  # SIGTERM: Lightning's SIGTERMException; Ctrl-C: exit 1
+        saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+        assert saved["global_step"] == 2  # step 2 finished before stopping
+
+        resumed = _Linear([1.0, -2.0])
+        checkpoint = AdapterCheckpoint(
+            dirpath=str(tmp_path / "b"), every_n_train_steps=100, save_adapter=False
+        )
+        _trainer(tmp_path / "b", [checkpoint], max_steps=4).fit(resumed, ckpt_path="last")
+        # AdamW moments travel with the checkpoint: 2 + 2 steps equal 4 straight steps
+        assert torch.equal(resumed.w, straight.w)
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a KeyboardInterrupt
