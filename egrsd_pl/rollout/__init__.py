@@ -1,6 +1,19 @@
-"""Generation engines behind one interface: :class:`HFGenerateEngine` and :class:`VLLMEngine`."""
+"""Generation engines behind one interface: :class:`HFGenerateEngine` and :class:`VLLMEngine`.
+
+``VLLMEngine`` is resolved lazily, so importing this package never imports vLLM.
+"""
+
+from typing import Any
 
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from egrsd_pl.rollout.hf import HFGenerateEngine
 
-__all__ = ["HFGenerateEngine", "Rollout", "RolloutEngine", "SamplingConfig"]
+__all__ = ["HFGenerateEngine", "Rollout", "RolloutEngine", "SamplingConfig", "VLLMEngine"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VLLMEngine":
+        from egrsd_pl.rollout.vllm import VLLMEngine
+
+        return VLLMEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

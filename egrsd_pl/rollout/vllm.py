@@ -1,0 +1,395 @@
+"""Rollouts with vLLM colocated in the training process (one engine per rank).
+
+The engine loads its own copy of the base weights from ``model_path`` and is told about the
+policy once per optimizer step by :meth:`VLLMEngine.sync_policy`. Two ways of doing that:
+
+- ``"merged"`` (default): for every LoRA layer ``W + scaling * B @ A`` is computed out of place
+  and streamed into vLLM's model with ``load_weights``; vLLM then runs a plain model.
+- ``"adapter"``: the ``default`` adapter is saved to a per-rank folder and handed to vLLM as a
+  fresh ``LoRARequest`` (vLLM runs the base plus the LoRA kernels).
+
+vLLM is imported lazily in :meth:`VLLMEngine.setup`; constructing the engine without it installed
+fails with one line naming the extra to install. See ``docs/vllm.md`` for the measurements behind
+the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.hf import _stop_token_ids
+
+SyncMode = Literal["merged", "adapter"]
+
+POLICY_ADAPTER = "default"
+MISSING_VLLM = "VLLMEngine needs vLLM: pip install 'egrsd-pl[gpu]' (CUDA) or 'egrsd-pl[cpu]' (CPU)"
+
+
+class VLLMEngine(RolloutEngine):
+    """Samples the current policy with an in-process vLLM ``LLM``, synced once per optimizer step.
+
+    Every rank builds its own engine in :meth:`setup` (seeded with the rank's seed); under DDP all
+    ranks must call :meth:`setup` together, since vLLM builds its groups on the training world.
+
+    Decision: per-request seeds. With ``SamplingConfig.seed`` set, request ``i`` of a call (the
+    prompt-major index over ``num_rollouts`` copies of each prompt) samples with seed
+    ``seed + i``, so a step's rollouts depend only on the step seed and the synced weights, which
+    is what makes an exact resume possible.
+
+    Args:
+        sync: How the policy reaches vLLM: ``"merged"`` (LoRA merged out of place and loaded with
+            ``load_weights``; needs ``in_process``) or ``"adapter"`` (a ``LoRARequest`` on the
+            saved adapter). Measured on the tiny model in ``docs/vllm.md``.
+        gpu_memory_utilization: Fraction of GPU memory vLLM may take for weights, activations and
+            KV cache (on CPU vLLM reads it as a fraction of RAM; ``kv_cache_space_gib`` decides).
+        max_model_len: Prompt plus completion cap of one sequence; ``None`` takes the model's.
+        dtype: vLLM's weight dtype; ``"auto"`` uses the student's parameter dtype (so both sample
+            the same distribution), else ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        enable_sleep_mode: On CUDA, release vLLM's memory after each ``generate`` and wake it up at
+            the next sync (weights first, then the KV cache). Ignored on CPU.
+        sleep_level: 1 offloads the weights to CPU RAM; 2 drops them (``sync="merged"`` only,
+            since the next sync overwrites every weight).
+        max_lora_rank: Largest adapter rank vLLM accepts (``sync="adapter"``).
+        kv_cache_space_gib: KV cache size on CPU, whole GiB (``VLLM_CPU_KVCACHE_SPACE``).
+        enforce_eager: Disable CUDA graphs / compilation (slower generation, faster start-up).
+        in_process: Run vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+            ~3 s start-up instead of ~20 s on CPU, and the merged weights move without a copy.
+        enable_prefix_caching: Reuse KV blocks of shared prompt prefixes (reset at every sync).
+        max_num_seqs: Sequences vLLM schedules at once; ``None`` keeps vLLM's default.
+        adapter_dir: Parent folder of the per-rank adapter folders (``sync="adapter"``); ``None``
+            uses the system temporary folder.
+    """
+
+    def __init__(
+        self,
+        sync: SyncMode = "merged",
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enable_sleep_mode: bool = True,
+        sleep_level: int = 1,
+        max_lora_rank: int = 64,
+        kv_cache_space_gib: int = 1,
+        enforce_eager: bool = False,
+        in_process: bool = True,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        adapter_dir: str | None = None,
+    ) -> None:
+        if sync not in ("merged", "adapter"):
+            raise ValueError(f"sync must be 'merged' or 'adapter', got {sync!r}")
+        if sync == "merged" and not in_process:
+            raise ValueError("sync='merged' loads weights into the engine in place: it needs in_process=True")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if max_model_len is not None and max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 or None, got {max_model_len}")
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        if sleep_level == 2 and sync != "merged":
+            raise ValueError("sleep_level=2 drops the base weights: it needs sync='merged'")
+        if max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
+        if kv_cache_space_gib < 1:
+            raise ValueError(f"kv_cache_space_gib must be a whole number >= 1, got {kv_cache_space_gib}")
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError(MISSING_VLLM)
+        self.sync = sync
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self.max_lora_rank = max_lora_rank
+        self.kv_cache_space_gib = kv_cache_space_gib
+        self.enforce_eager = enforce_eager
+        self.in_process = in_process
+        self.enable_prefix_caching = enable_prefix_caching
+        self.max_num_seqs = max_num_seqs
+        self.adapter_dir = adapter_dir
+        self.sync_count = 0
+        self.synced_step: int | None = None
+        self._llm: Any = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._model_path = ""
+        self._stop_ids: list[int] = []
+        self._sleeps = False
+        self._asleep = False
+        self._owns_process_group = False
+        self._adapter_root: Path | None = None
+        self._lora_request: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
+        """Starts vLLM on ``model_path`` (once; a second call only forgets the last sync)."""
+        self._model, self._tokenizer = model, tokenizer
+        self._stop_ids = sorted(_stop_token_ids(model, tokenizer))
+        self.synced_step = None
+        if self._llm is not None and model_path == self._model_path:
+            return
+        self.close()
+        if not Path(model_path, "config.json").is_file():
+            raise FileNotFoundError(f"model_path has no config.json: {model_path}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        on_cuda = torch.cuda.is_available()
+        if not on_cuda:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space_gib)
+        try:
+            from vllm import LLM
+        except ImportError as error:  # installed but broken, e.g. the torchvision trap of STACK.md
+            raise ImportError(f"{MISSING_VLLM} ({error})") from None
+
+        self._sleeps = self.enable_sleep_mode and on_cuda
+        self._owns_process_group = not torch.distributed.is_initialized()
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=self._resolve_dtype(model),
+            seed=seed,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enable_sleep_mode=self._sleeps,
+            generation_config="vllm",  # sampling comes from SamplingConfig only, stops from _stop_ids
+        )
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.sync == "adapter":
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._adapter_root = Path(
+                tempfile.mkdtemp(prefix=f"egrsd-vllm-rank{rank}-", dir=self.adapter_dir)
+            )
+        set_num_threads = torch.set_num_threads
+        try:
+            self._llm = LLM(**kwargs)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process.
+            torch.set_num_threads = set_num_threads
+        self._model_path = model_path
+        self._asleep = False
+        if self._sleeps:
+            self._sleep()
+
+    def close(self) -> None:
+        """Shuts vLLM down and frees its memory; a later :meth:`setup` starts a fresh engine.
+
+        vLLM's in-process shutdown destroys the default ``torch.distributed`` group. When the
+        group was vLLM's own (no DDP) that is what we want, so a later DDP init starts clean;
+        when it belongs to the trainer (DDP), only vLLM's own groups are destroyed.
+        """
+        if self._llm is None:
+            return
+        from vllm.distributed import parallel_state
+
+        llm, self._llm = self._llm, None
+        keep_world = contextlib.nullcontext()
+        if not self._owns_process_group:
+            keep_world = _patched(parallel_state, "destroy_distributed_environment", _destroy_vllm_world)
+        with keep_world:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            parallel_state.destroy_model_parallel()
+            if self._owns_process_group:
+                parallel_state.destroy_distributed_environment()
+            else:
+                _destroy_vllm_world()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
+            self._adapter_root = None
+        self._lora_request = None
+        self.synced_step = None
+        self._asleep = False
+
+    # ------------------------------------------------------------------ policy sync
+
+    def sync_policy(self, model: Any, step: int) -> None:
+        """Pushes ``model``'s current policy into vLLM, once per optimizer ``step``.
+
+        A second call with the step already synced does nothing; :attr:`sync_count` counts the
+        pushes. On CUDA with sleep mode the weights wake first, are synced, then the KV cache wakes.
+        """
+        if self._llm is None:
+            raise RuntimeError("VLLMEngine.sync_policy called before setup()")
+        if step == self.synced_step:
+            return
+        self._model = model
+        if self._asleep:
+            self._llm.wake_up(tags=["weights"])
+        self._push_policy(model)
+        if self._asleep:
+            self._llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        self._llm.reset_prefix_cache()  # cached prompt blocks were computed by the old policy
+        self.synced_step = step
+        self.sync_count += 1
+
+    def _push_policy(self, model: Any) -> None:
+        if self.sync == "merged":
+            weights = merged_weights(model, POLICY_ADAPTER)
+            # vLLM's in-place reload: checkpoint-format names, re-processed into kernel layouts.
+            self._llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))
+            return
+        from vllm.lora.request import LoRARequest
+
+        assert self._adapter_root is not None
+        lora_id = self.sync_count + 1
+        folder = self._adapter_root / f"sync-{lora_id}"
+        model.save_pretrained(str(folder), selected_adapters=[POLICY_ADAPTER])
+        saved = folder / POLICY_ADAPTER if (folder / POLICY_ADAPTER).is_dir() else folder
+        _check_adapter_folder(saved)
+        request = LoRARequest(lora_name=f"policy-{lora_id}", lora_int_id=lora_id, lora_path=str(saved))
+        engine = self._llm.llm_engine
+        engine.add_lora(request)  # load now, so a bad adapter fails here and not mid-generate
+        if self._lora_request is not None:
+            engine.remove_lora(self._lora_request.lora_int_id)
+            shutil.rmtree(self._adapter_root / f"sync-{self._lora_request.lora_int_id}", ignore_errors=True)
+        self._lora_request = request
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        if self._llm is None:
+            raise RuntimeError("VLLMEngine.generate called before setup()")
+        if self.synced_step is None:
+            raise RuntimeError("VLLMEngine.generate called before sync_policy(): vLLM holds no policy yet")
+        if self._asleep:  # a second generate in the same step
+            self._wake_without_sync()
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts, params = [], []
+        for index, ids in enumerate(prompt_ids):
+            for copy in range(sampling.num_rollouts):
+                request = index * sampling.num_rollouts + copy
+                prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=1.0 if sampling.greedy else sampling.top_p,
+                        top_k=0 if sampling.greedy or sampling.top_k <= 0 else sampling.top_k,
+                        max_tokens=sampling.max_new_tokens,
+                        seed=None if sampling.seed is None else sampling.seed + request,
+                        stop_token_ids=self._stop_ids,
+                        detokenize=False,
+                    )
+                )
+        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        rollouts = [
+            self._to_rollout(i // sampling.num_rollouts, out.outputs[0]) for i, out in enumerate(outputs)
+        ]
+        if self._sleeps:
+            self._sleep()
+        return rollouts
+
+    def _to_rollout(self, prompt_index: int, completion: Any) -> Rollout:
+        """Normalises one vLLM completion to the HF engine's convention (stop token kept)."""
+        ids = list(completion.token_ids)
+        cut = next((i + 1 for i, token in enumerate(ids) if token in self._stop_ids), None)
+        kept = ids[:cut] if cut is not None else ids
+        return Rollout(
+            prompt_index=prompt_index,
+            completion_ids=tuple(kept),
+            text=self._tokenizer.decode(kept, skip_special_tokens=True),
+            truncated=cut is None and completion.finish_reason == "length",
+        )
+
+    # ------------------------------------------------------------------ sleep mode
+
+    def _sleep(self) -> None:
+        self._llm.sleep(level=self.sleep_level)
+        self._asleep = True
+
+    def _wake_without_sync(self) -> None:
+        if self.sleep_level == 1:
+            self._llm.wake_up()
+        else:  # level 2 dropped the weights: push the bound policy again
+            self._llm.wake_up(tags=["weights"])
+            self._push_policy(self._model)
+            self._llm.wake_up(tags=["kv_cache"])
+        self._llm.reset_prefix_cache()
+        self._asleep = False
+
+    def _resolve_dtype(self, model: Any) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        dtype = next(model.parameters()).dtype
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def merged_weights(model: Any, adapter: str = POLICY_ADAPTER) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base model's weights with ``adapter`` merged in, under the plain HF names.
+
+    Each LoRA-wrapped linear yields ``W + scaling * B @ A`` as a new tensor; the module itself is
+    left untouched (an in-place ``merge_adapter``/``unmerge_adapter`` round trip would leave
+    rounding error in the frozen base, which is also the teacher). Other parameters and
+    persistent buffers are yielded as they are. Lazy: one tensor at a time.
+
+    Args:
+        model: A PEFT ``PeftModel`` whose LoRA layers hold ``adapter``.
+        adapter: Name of the adapter to merge.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    lora_prefixes = []
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            if module.use_dora.get(adapter, False):
+                raise ValueError(f"DoRA adapters cannot be merged for vLLM (layer {name})")
+            lora_prefixes.append(name + ".")
+            weight = module.base_layer.weight.detach()
+            yield name + ".weight", weight + module.get_delta_weight(adapter).to(weight.dtype)
+            if module.base_layer.bias is not None:
+                yield name + ".bias", module.base_layer.bias.detach()
+    for name, tensor in base.state_dict().items():
+        if any(name.startswith(prefix) for prefix in lora_prefixes):
+            continue
+        yield name, tensor.detach()
+
+
+def _check_adapter_folder(folder: Path) -> None:
+    """A missing adapter path kills the vLLM engine (STACK.md): check it before vLLM sees it."""
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {file}; not handing it to vLLM")
+
+
+def _destroy_vllm_world() -> None:
+    """Destroys vLLM's world group but leaves the trainer's default process group alive."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()
+    parallel_state._WORLD = None
+    parallel_state._NODE_COUNT = None
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
