@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import lightning as L
 
-TeacherSchedule = Literal["frozen", "ema", "hard_copy"]
+from egrsd_pl.module import TeacherSchedule
 
 
 class TeacherUpdate(L.Callback):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.checkpoint import AdapterCheckpoint, adapter_dir
+from callbacks.checkpoint import AdapterCheckpoint, adapter_dir, restore_rng_states, rng_states
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
@@ -107,6 +107,84 @@ def test_teacher_update_refuses_a_checkpoint_without_teacher_adapter():
 def test_teacher_update_refuses_a_module_with_another_schedule():
     with pytest.raises(ValueError, match="--teacher.schedule 'ema' disagrees with --model.teacher 'frozen'"):
         TeacherUpdate("ema").setup(None, _RecordingModule("frozen"), "fit")
+
+
+def _tiny_module(model_dir, teacher: str):
+    from egrsd_pl.module import EGRSDModule
+
+    module = EGRSDModule(model_name_or_path=str(model_dir), teacher=teacher, lora_rank=4, lora_alpha=8)
+    module.configure_model()
+    return module
+
+
+def _randomize(tensors: dict[str, torch.Tensor], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors.values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+
+
+def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def test_ema_teacher_after_one_update_is_alpha_teacher_plus_one_minus_alpha_student(tiny_model_dir):
+    module = _tiny_module(tiny_model_dir, "ema")
+    student, teacher = module.adapter_parameters("default"), module.adapter_parameters("teacher")
+    assert student.keys() == teacher.keys() and len(student) == 3 * 2 * 7  # 3 layers x (A, B) x 7 projections
+    assert all(p.requires_grad for p in student.values()) and not any(
+        p.requires_grad for p in teacher.values()
+    )
+    _randomize(student, seed=1)
+    _randomize(teacher, seed=2)
+    before_student, before_teacher = _clone(student), _clone(teacher)
+    TeacherUpdate("ema", ema_alpha=0.99).on_train_batch_end(
+        SimpleNamespace(global_step=1), module, None, None, 0
+    )
+    for key, updated in module.adapter_parameters("teacher").items():
+        expected = 0.99 * before_teacher[key] + 0.01 * before_student[key]
+        assert torch.allclose(updated, expected, rtol=0, atol=1e-7), key  # float32 rounding only
+        assert not torch.equal(updated, before_teacher[key])
+    assert all(torch.equal(v, before_student[k]) for k, v in module.adapter_parameters("default").items())
+
+
+def test_hard_copy_makes_the_teacher_equal_the_student_only_at_multiples_of_k(tiny_model_dir):
+    module = _tiny_module(tiny_model_dir, "hard_copy")
+    callback = TeacherUpdate("hard_copy", every_k_steps=2)
+    _randomize(module.adapter_parameters("default"), seed=3)
+    trainer = SimpleNamespace(global_step=1)
+    callback.on_train_batch_end(trainer, module, None, None, 0)  # step 1: not a multiple of 2
+    assert all(
+        not torch.equal(t, module.adapter_parameters("default")[k])
+        for k, t in module.adapter_parameters("teacher").items()
+        if "lora_A" in k
+    )
+    trainer.global_step = 2
+    callback.on_train_batch_end(trainer, module, None, None, 1)
+    assert all(
+        torch.equal(t, module.adapter_parameters("default")[k])
+        for k, t in module.adapter_parameters("teacher").items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("teacher", "callbacks", "message"),
+    [
+        ("frozen", [TeacherUpdate("frozen")], "running reward statistics are part of the algorithm"),
+        ("ema", [RewardStatistics()], "needs callbacks.TeacherUpdate"),
+    ],
+)
+def test_module_refuses_to_train_without_the_algorithm_callbacks(
+    tiny_model_dir, tmp_path, teacher, callbacks, message
+):
+    from egrsd_pl.data import RolloutDataModule
+    from egrsd_pl.module import EGRSDModule
+
+    module = EGRSDModule(model_name_or_path=str(tiny_model_dir), teacher=teacher)
+    trainer = _trainer(tmp_path, callbacks, max_steps=1, enable_checkpointing=False)
+    with pytest.raises(RuntimeError, match=message):
+        trainer.fit(module, datamodule=RolloutDataModule(train_source="synthetic:4", batch_size=2))
+    assert module.policy is None  # it failed before loading the model
 
 
 # ---------------------------------------------------------------- reward statistics
@@ -221,6 +299,22 @@ def test_grad_norm_reports_no_clipping_below_the_threshold(tmp_path):
     # ||(0.3, 0.4)|| = 0.5 < 1.0: not clipped
     assert capture.metrics[0]["grad/norm_preclip"] == pytest.approx(0.5, abs=1e-6)
     assert capture.metrics[0]["grad/clipped"] == 0.0
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert (
+        torch.equal(expected[0], again[0])
+        and np.array_equal(expected[1], again[1])
+        and expected[2] == again[2]
+    )
 
 
 def test_adapter_dir_sits_beside_the_checkpoint():
