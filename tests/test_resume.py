@@ -8,6 +8,7 @@ adapter folder beside a checkpoint must load with plain PEFT and give the module
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,10 @@ from callbacks.checkpoint import adapter_dir
 from callbacks.reward_statistics import RewardStatistics
 from egrsd_pl.cli import build_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning"),  # pytest's own argv
+]
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 problems in batches of 2: 3 steps per epoch, so the runs below cross two epoch boundaries.
@@ -226,6 +230,56 @@ def test_adapter_beside_the_checkpoint_loads_with_plain_peft_and_gives_the_modul
         print(f"\nplain PEFT vs module logits ({subfolder or 'student'}): max |diff| {diff:.3g}")
         assert diff <= 1e-6
     assert float((student_logits - teacher_logits).abs().max()) > 0  # two different adapters were compared
+
+
+VLLM_PROMPT_LOGPROBS = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+model_dir, adapter, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+llm = LLM(model=model_dir, dtype="float32", enable_lora=True, max_lora_rank=8, max_model_len=256, enforce_eager=True)
+params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+out = {}
+for name, request in (("base", None), ("adapter", LoRARequest("checkpoint", 1, adapter))):
+    (result,) = llm.generate([{"prompt_token_ids": ids}], params, lora_request=request, use_tqdm=False)
+    out[name] = [None if entry is None else entry[token].logprob for entry, token in zip(result.prompt_logprobs, ids)]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+def test_adapter_beside_the_checkpoint_loads_in_vllm(runs, tiny_model_dir):
+    """vLLM's ``LoRARequest`` on the folder scores a sequence as HF + PEFT does (prompt log-probs)."""
+    pytest.importorskip("vllm")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = adapter_dir(runs["straight_dir"] / "runs/egrsd/version_0/checkpoints/last.ckpt")
+    ids = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 300, 12]
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-c", VLLM_PROMPT_LOGPROBS, str(tiny_model_dir), str(folder), json.dumps(ids)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    vllm_logprobs = json.loads(result.stdout.split("RESULT")[-1])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        logits = plain(input_ids=torch.tensor([ids])).logits[0, :-1]  # [T-1, V] predicts tokens 1..T-1
+    hf_logprobs = (
+        torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+    )
+    ours = torch.tensor(vllm_logprobs["adapter"][1:])  # [T-1]; position 0 has no log-prob
+    base_logprobs = torch.tensor(vllm_logprobs["base"][1:])
+    diff, effect = float((ours - hf_logprobs).abs().max()), float((ours - base_logprobs).abs().max())
+    print(
+        f"\nvLLM + adapter vs HF + PEFT prompt log-probs: max |diff| {diff:.3g} (adapter effect {effect:.3g})"
+    )
+    assert diff <= 1e-4 < effect
 
 
 def test_sigterm_during_training_leaves_a_checkpoint_that_resumes(tiny_model_dir, tmp_path):
