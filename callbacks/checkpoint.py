@@ -102,7 +102,10 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.save_on_interrupt = save_on_interrupt
         self._user_dirpath = dirpath
         self._ctrl_c = False
+        self._sigterm_deferred = False
         self._previous_sigint: Any = None
+        self._step_seen = 0  # optimizer steps done at the last on_train_batch_end
+        self._at_step_boundary = True  # whether the last micro-batch ended an optimizer step
 
     # ---------------------------------------------------------------- saving
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -157,7 +160,8 @@ class AdapterCheckpoint(ModelCheckpoint):
     # ------------------------------------------------------------ interrupts
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._ctrl_c = False
+        self._ctrl_c = self._sigterm_deferred = False
+        self._step_seen, self._at_step_boundary = trainer.global_step, True
         if self.save_on_interrupt and threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -196,9 +200,16 @@ class AdapterCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+        # Under gradient accumulation only the micro-batch that stepped the optimizer ends a step: stopping
+        # anywhere else would lose the accumulated gradients and the step's pending rewards.
+        stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
+        self._at_step_boundary = stepped
         if not self.save_on_interrupt:
             return
-        local = self.should_stop(self._ctrl_c, trainer.received_sigterm)
+        if not stepped:
+            self._defer_sigterm(trainer)
+            return
+        local = self.should_stop(self._ctrl_c, trainer.received_sigterm or self._sigterm_deferred)
         # A collective every step: a signal that reached one rank stops all of them after this same step.
         if not trainer.strategy.reduce_boolean_decision(local, all=False):
             return
@@ -206,6 +217,14 @@ class AdapterCheckpoint(ModelCheckpoint):
         if self._ctrl_c:
             raise KeyboardInterrupt  # Lightning: graceful shutdown, exit status 1
         raise SIGTERMException  # Lightning's own way out after SIGTERM
+
+    def _defer_sigterm(self, trainer: L.Trainer) -> None:
+        """Mid-accumulation, Lightning would stop right after this micro-batch: take the SIGTERM over and
+        act on it at the end of the optimizer step instead."""
+        connector = getattr(trainer, "_signal_connector", None)
+        if trainer.received_sigterm and connector is not None and hasattr(connector, "received_sigterm"):
+            self._sigterm_deferred = True
+            connector.received_sigterm = False
 
     def _save_interrupt_checkpoint(self, trainer: L.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step:
@@ -223,15 +242,18 @@ class AdapterCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._restore_sigint()
-        # Lightning raises SIGTERMException itself when the signal lands after this callback's check of a
-        # step; the step is complete then. Under DDP the other ranks may be elsewhere: no collective save.
+        # Lightning raises SIGTERMException itself after any micro-batch when the signal lands after this
+        # callback's check. Save only at an optimizer-step boundary (a complete step), and only in a single
+        # process: under DDP the other ranks may be elsewhere and a save is a collective.
         late_sigterm = isinstance(exception, SIGTERMException) and self.save_on_interrupt
-        if late_sigterm and trainer.world_size == 1 and self._last_global_step_saved != trainer.global_step:
-            self._save_interrupt_checkpoint(trainer)
-        elif late_sigterm and self._last_global_step_saved != trainer.global_step:
-            rank_zero_warn(
-                "SIGTERM landed after the step's stop check; the last checkpoint is the previous one"
-            )
+        if late_sigterm and self._last_global_step_saved != trainer.global_step:
+            if trainer.world_size == 1 and self._at_step_boundary:
+                self._save_interrupt_checkpoint(trainer)
+            else:
+                rank_zero_warn(
+                    "SIGTERM stopped the run mid-step (gradient accumulation) or after the ranks' stop check; "
+                    f"the newest checkpoint is {self.last_model_path or 'the previous one'!r}"
+                )
         super().on_exception(trainer, pl_module, exception)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -352,29 +352,39 @@ def test_ckpt_path_last_finds_the_newest_last_checkpoint_of_every_logger_version
 
 
 class _SendSignal(L.Callback):
-    """Sends ``signum`` to this process during step ``at_step`` (before the step's end)."""
+    """Sends ``signum`` to this process during micro-batch ``at_batch`` (0-based, before its end)."""
 
-    def __init__(self, signum: int, at_step: int) -> None:
-        self.signum, self.at_step = signum, at_step
+    def __init__(self, signum: int, at_batch: int) -> None:
+        self.signum, self.at_batch = signum, at_batch
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_step + 1 == self.at_step:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at_batch:
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, None), (signal.SIGINT, 1)])
-def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(tmp_path, signum, exit_code):
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "accumulate"),
+    [(signal.SIGTERM, None, 1), (signal.SIGINT, 1, 1), (signal.SIGTERM, None, 2), (signal.SIGINT, 1, 2)],
+)
+def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(
+    tmp_path, signum, exit_code, accumulate
+):
+    """The signal arrives in the first micro-batch of optimizer step 2; step 2 still completes and is saved."""
     sigint = signal.getsignal(signal.SIGINT)
+    options = {"max_steps": 4, "accumulate_grad_batches": accumulate}
     try:
         straight = _Linear([1.0, -2.0])
-        _trainer(tmp_path / "a", [], max_steps=4, enable_checkpointing=False).fit(straight)
+        _trainer(tmp_path / "a", [], enable_checkpointing=False, **options).fit(straight)
 
         first = _Linear([1.0, -2.0])
         checkpoint = AdapterCheckpoint(
             dirpath=str(tmp_path / "b"), every_n_train_steps=100, save_adapter=False
         )
         with pytest.raises(SystemExit) as stopped:
-            _trainer(tmp_path / "b", [checkpoint, _SendSignal(signum, at_step=2)], max_steps=4).fit(first)
+            signal_at = _SendSignal(
+                signum, at_batch=accumulate
+            )  # micro-batch 1 (no accumulation) or 2 (of 2)
+            _trainer(tmp_path / "b", [checkpoint, signal_at], **options).fit(first)
         assert stopped.value.code == exit_code  # SIGTERM: Lightning's SIGTERMException; Ctrl-C: exit 1
         saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
         assert saved["global_step"] == 2  # step 2 finished before stopping
@@ -383,7 +393,7 @@ def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(tmp_pa
         checkpoint = AdapterCheckpoint(
             dirpath=str(tmp_path / "b"), every_n_train_steps=100, save_adapter=False
         )
-        _trainer(tmp_path / "b", [checkpoint], max_steps=4).fit(resumed, ckpt_path="last")
+        _trainer(tmp_path / "b", [checkpoint], **options).fit(resumed, ckpt_path="last")
         # AdamW moments travel with the checkpoint: 2 + 2 steps equal 4 straight steps
         assert torch.equal(resumed.w, straight.w)
     finally:

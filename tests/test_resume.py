@@ -24,6 +24,7 @@ import torch
 
 from callbacks.checkpoint import adapter_dir
 from callbacks.reward_statistics import RewardStatistics
+from callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.cli import build_cli
 
 pytestmark = [
@@ -230,6 +231,26 @@ def test_adapter_beside_the_checkpoint_loads_with_plain_peft_and_gives_the_modul
         print(f"\nplain PEFT vs module logits ({subfolder or 'student'}): max |diff| {diff:.3g}")
         assert diff <= 1e-6
     assert float((student_logits - teacher_logits).abs().max()) > 0  # two different adapters were compared
+
+
+def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, tmp_path):
+    """accumulate_grad_batches 2 over 3 micro-batches per epoch: steps of 2, 1, 2, 1 micro-batches."""
+    accumulate = "--trainer.accumulate_grad_batches=2"
+    with one_torch_thread(), working_dir(tmp_path / "straight"):
+        straight = build_cli(cli_args(tiny_model_dir, 4, accumulate))
+    with one_torch_thread(), working_dir(tmp_path / "resumed"):
+        build_cli(cli_args(tiny_model_dir, 2, accumulate))
+        resumed = build_cli(cli_args(tiny_model_dir, 4, accumulate, "--ckpt_path=last"))
+    for adapter in ("default", "teacher"):
+        diff = max_abs_diff(lora_weights(straight, adapter), lora_weights(resumed, adapter))
+        print(f"\naccumulation 2, {adapter}: straight vs 2 + resume + 2 max |diff| {diff:.3g}")
+        assert diff <= 1e-6
+    stats = reward_stats(straight)
+    assert stats == reward_stats(resumed)
+    # One merge per optimizer step, of every micro-batch's rewards: 2 epochs x 3 micro-batches x 2 rollouts.
+    assert (stats["stats"]["steps"], stats["stats"]["count"]) == (4, 12)
+    teacher = next(c for c in straight.trainer.callbacks if isinstance(c, TeacherUpdate))
+    assert teacher.num_updates == 4  # once per optimizer step, not per micro-batch
 
 
 VLLM_PROMPT_LOGPROBS = """
