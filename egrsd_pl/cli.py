@@ -4,7 +4,9 @@ A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
 :class:`RolloutDataModule`. Every knob is a typed, documented constructor argument, so ``--help``
 lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part of the algorithm
 (reward statistics, teacher schedule) and the pre-clip grad-norm monitor are always installed; their
-options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``.
+options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; checkpointing
+(``--checkpoint.*``) and avg@K evaluation (``--evaluation.*``, what ``validate`` runs) are always
+there too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpoint import AdapterCheckpoint
+from callbacks.evaluation import PeriodicEvaluation
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
@@ -44,6 +47,10 @@ class EGRSDCLI(LightningCLI):
         parser.add_lightning_class_args(TeacherUpdate, "teacher")
         parser.link_arguments("teacher.schedule", "model.teacher")  # one knob: --teacher.schedule
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
+        # avg@K evaluation: always there for `validate`; during `fit` only when --evaluation.every_n_steps > 0
+        # or --evaluation.at_end true.
+        parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")
+        parser.set_defaults({"evaluation.every_n_steps": 0, "evaluation.at_end": False})
 
 
 def build_cli(args: list[str] | None = None, *, run: bool = True, cli_class: type[EGRSDCLI] = EGRSDCLI) -> EGRSDCLI:

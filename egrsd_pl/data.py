@@ -263,6 +263,10 @@ class RolloutDataModule(L.LightningDataModule):
             drop_last=True,
         )
 
+    def val_dataloader(self) -> DataLoader:
+        """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
+        return DataLoader([0], batch_size=1)
+
     def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
         length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))
         return length + self.hparams.max_new_tokens <= self.hparams.max_length

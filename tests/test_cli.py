@@ -37,7 +37,11 @@ def test_paper_recipe_values():
     assert (cfg.model.objective, cfg.model.gamma, cfg.model.window) == ("egrsd", 0.3, 0)
     assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout) == (64, 128, 0.0)
     assert cfg.model.learning_rate == 5e-6 and list(cfg.model.adam_betas) == [0.9, 0.999]
-    assert (cfg.trainer.gradient_clip_val, cfg.trainer.max_steps, cfg.trainer.precision) == (0.1, 100, "bf16-mixed")
+    assert (cfg.trainer.gradient_clip_val, cfg.trainer.max_steps, cfg.trainer.precision) == (
+        0.1,
+        100,
+        "bf16-mixed",
+    )
     assert (cfg.data.batch_size, cfg.data.max_new_tokens, cfg.data.temperature) == (4, 1024, 1.1)
     assert (cfg.data.top_p, cfg.data.top_k, cfg.data.length_beta, cfg.data.num_rollouts) == (0.95, 20, 0.5, 1)
 
@@ -61,7 +65,17 @@ def test_unknown_objective_fails_at_parse_time_naming_the_flag():
 
 
 def test_cl_egrsd_without_window_is_one_clear_line(tmp_path: Path):
-    result = run_main("fit", "--config", "configs/tiny.yaml", "--model.objective", "cl_egrsd", "--model.window", "0")
+    result = run_main(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.objective",
+        "cl_egrsd",
+        "--model.window",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --model.objective cl_egrsd needs --model.window > 0 (paper: 3 on 4B, 5 on 8B)"
@@ -71,8 +85,15 @@ def test_cl_egrsd_without_window_is_one_clear_line(tmp_path: Path):
 def test_missing_model_path_is_one_clear_line(tmp_path: Path):
     missing = tmp_path / "no_such_model"
     result = run_main(
-        "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(missing),
-        "--trainer.logger", "false",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.model_name_or_path",
+        str(missing),
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -84,8 +105,19 @@ def test_dataset_without_needed_columns_is_one_clear_line(tmp_path: Path, tiny_m
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n')
     result = run_main(
-        "fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", str(tiny_model_dir),
-        "--data.train_source", str(bad), "--trainer.logger", "false", "--trainer.max_steps", "1",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.model_name_or_path",
+        str(tiny_model_dir),
+        "--data.train_source",
+        str(bad),
+        "--trainer.logger",
+        "false",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
     )
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
