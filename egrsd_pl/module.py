@@ -284,6 +284,9 @@ class EGRSDModule(L.LightningModule):
         self._last_batch = batch
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: ``main.py validate`` is avg@K evaluation, run by ``callbacks.PeriodicEvaluation``."""
+
     def completion_hidden(self, packed: PackedBatch) -> Tensor:
         """Final hidden states at the positions that predict each completion token: ``[N, T, D]``."""
         base = self.policy.get_base_model()
@@ -301,10 +304,17 @@ class EGRSDModule(L.LightningModule):
         return self.reward_statistics().stats.advantages(batch.rewards).to(batch.rewards.device)
 
     def entropy_max(self, teacher_entropy: Tensor, mask: Tensor) -> Tensor:
-        """Raw masked entropy maximum over this device's batch or, with ``global`` scope, all ranks."""
+        """Raw masked entropy maximum over this device's batch or, with ``global`` scope, all ranks.
+
+        Decision (SPEC step 7, scope of "batch"): ``--model.entropy_scope device`` (default) reproduces
+        the paper: each device normalises by the maximum of its own minibatch (per-device batch 4), so
+        the gate depends on the per-device batch size, not on the number of devices. ``global``
+        all-reduces the maximum (MAX) over the ranks: a multi-device step then computes the gate of one
+        process on the whole global batch (``tests/test_ddp.py``).
+        """
         local = torch.where(mask, teacher_entropy, torch.zeros_like(teacher_entropy)).max()  # []
         if self.hparams.entropy_scope == "global" and self.trainer.world_size > 1:
-            return self.all_gather(local).max()
+            return self.trainer.strategy.reduce(local, reduce_op="max")  # all-reduce MAX
         return local
 
     def reward_statistics(self) -> Any:
