@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -21,8 +20,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-log = logging.getLogger(__name__)
-
 ADAPTER_SUFFIX = "_adapter"
 
 
@@ -35,8 +32,10 @@ def adapter_dir(checkpoint_path: str | os.PathLike[str]) -> Path:
 class AdapterCheckpoint(ModelCheckpoint):
     """Lightning's :class:`ModelCheckpoint` with the run's defaults, a PEFT export and interrupt handling.
 
-    Every ``every_n_train_steps`` optimizer steps (paper: 25) it writes ``epoch=E-step=S.ckpt`` and
-    refreshes ``last.ckpt``; nothing is ever deleted (``save_top_k=-1``). A ``.ckpt`` holds what an
+    Every ``every_n_train_steps`` optimizer steps (paper: 25), at the final step (``max_steps``) and at
+    the end of training it writes ``epoch=E-step=S.ckpt`` and refreshes ``last.ckpt``; nothing is
+    ever deleted (``save_top_k=-1``). Saves happen at optimizer-step boundaries, in
+    ``on_train_batch_end``, before Lightning closes an epoch. A ``.ckpt`` holds what an
     exact resume needs: the LoRA tensors (student and, with ``ema``/``hard_copy``, teacher), the
     optimizer, the loop counters, every callback's state (reward statistics, teacher schedule),
     the data position and the global RNG states. Beside each ``.ckpt`` (``last.ckpt`` included) the
@@ -51,7 +50,8 @@ class AdapterCheckpoint(ModelCheckpoint):
     SIGTERM (Lightning's handler records it) and a first Ctrl-C (this callback's handler) let the
     current optimizer step finish; then a checkpoint is written and the run stops (SIGTERM: the
     process exits as Lightning does; Ctrl-C: exit status 1). Under DDP the ranks agree on stopping
-    with one all-reduce per step, so all of them stop after the same step. A second Ctrl-C aborts
+    with one all-reduce per step, so all of them stop after the same step. Under gradient accumulation
+    a SIGTERM that lands mid-step is held until the step's last micro-batch. A second Ctrl-C aborts
     at once without a checkpoint.
 
     The CLI always installs this callback (``--checkpoint.*``).
@@ -59,7 +59,8 @@ class AdapterCheckpoint(ModelCheckpoint):
     Args:
         dirpath: Folder of the checkpoints (default: ``<log dir>/checkpoints``).
         filename: Checkpoint name pattern (default ``{epoch}-{step}``).
-        every_n_train_steps: Optimizer steps between checkpoints (paper: 25; 0 disables).
+        every_n_train_steps: Optimizer steps between checkpoints (paper: 25; 0: only the final step,
+            the end of training and interrupts).
         save_last: Keep ``last.ckpt`` current (needed by ``--ckpt_path last``).
         save_top_k: Checkpoints to keep; -1 keeps all (with ``monitor`` unset, the most recent ``k``).
         monitor: Metric that ranks checkpoints for ``save_top_k`` (unset: recency).

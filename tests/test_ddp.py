@@ -12,6 +12,7 @@ correct), not from sampling, so both runs see the same tokens and rewards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -116,17 +117,10 @@ class RecordStep(L.Callback):
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run_main(workdir: Path, model_dir: str, *args: str) -> None:
-    """``python main.py fit`` in ``workdir`` (tests/ importable for the engine and the recorder)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        str(REPO / "main.py"),
+def fit_args(workdir: Path, model_dir: str, *args: str) -> list[str]:
+    """``fit`` arguments of a tiny run that records into ``workdir/record``."""
+    record = {"class_path": "test_ddp.RecordStep", "init_args": {"out_dir": str(workdir / "record")}}
+    return [
         "fit",
         "--seed_everything=0",
         "--trainer.accelerator=cpu",
@@ -139,11 +133,37 @@ def run_main(workdir: Path, model_dir: str, *args: str) -> None:
         "--model.learning_rate=1e-3",
         "--model.log_text_every_n_steps=0",
         "--data.max_length=1024",
-        f'--trainer.callbacks+={{"class_path": "test_ddp.RecordStep", "init_args": {{"out_dir": "{workdir / "record"}"}}}}',
+        f"--trainer.callbacks+={json.dumps(record)}",
         *args,
     ]
+
+
+def run_main(workdir: Path, model_dir: str, *args: str) -> None:
+    """``python main.py fit`` in ``workdir`` (tests/ importable for the engine and the recorder)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / "main.py"), *fit_args(workdir, model_dir, *args)]
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def run_in_process(workdir: Path, model_dir: str, *args: str) -> None:
+    """The same run in this process (one device): no interpreter start-up, one torch thread."""
+    from egrsd_pl.cli import build_cli
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous, threads = Path.cwd(), torch.get_num_threads()
+    os.chdir(workdir)
+    torch.set_num_threads(1)
+    try:
+        build_cli(fit_args(workdir, model_dir, *args))
+    finally:
+        os.chdir(previous)
+        torch.set_num_threads(threads)
 
 
 def load_records(workdir: Path, world_size: int) -> list[dict[str, Any]]:
@@ -156,6 +176,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")  # pytest's own argv
 def test_two_process_ddp_step_equals_one_process_step_with_global_entropy_max(tiny_model_dir, tmp_path):
     fixed = [
         "--trainer.max_steps=1",
@@ -164,7 +185,9 @@ def test_two_process_ddp_step_equals_one_process_step_with_global_entropy_max(ti
         "--model.entropy_scope=global",
         '--data.engine={"class_path": "test_ddp.FixedEngine", "init_args": {"source": "synthetic:4"}}',
     ]
-    run_main(tmp_path / "one", str(tiny_model_dir), "--trainer.devices=1", "--data.batch_size=4", *fixed)
+    run_in_process(
+        tmp_path / "one", str(tiny_model_dir), "--trainer.devices=1", "--data.batch_size=4", *fixed
+    )
     run_main(
         tmp_path / "two",
         str(tiny_model_dir),

@@ -321,7 +321,14 @@ def test_sigterm_during_training_leaves_a_checkpoint_that_resumes(tiny_model_dir
     assert (adapter_dir(checkpoints / "last.ckpt") / "adapter_model.safetensors").is_file()
 
     with one_torch_thread(), working_dir(tmp_path):
-        resumed = build_cli(cli_args(tiny_model_dir, saved["global_step"] + 1, "--ckpt_path=last"))
+        resumed = build_cli(
+            cli_args(
+                tiny_model_dir,
+                saved["global_step"] + 1,
+                "--checkpoint.every_n_train_steps=1",
+                "--ckpt_path=last",
+            )
+        )
     assert resumed.trainer.global_step == saved["global_step"] + 1
     stats = next(c for c in resumed.trainer.callbacks if isinstance(c, RewardStatistics))
     assert stats.stats.steps == saved["global_step"] + 1  # the restored statistics went on counting
