@@ -1,0 +1,31 @@
+"""The offline testbed: a tokenizer, a tiny Qwen3 and synthetic math, built and warm-started locally.
+
+Nothing is downloaded: ``build_testbed`` trains a byte-level BPE with Qwen3's special tokens and
+chat template on synthetic arithmetic word problems, builds a ~0.5 M-parameter
+``Qwen3ForCausalLM``, fine-tunes it on CPU for a time budget on a mix of concise, verbose and
+privileged (reference-solution) chains of thought, and saves an ordinary Hugging Face folder that
+``from_pretrained`` and vLLM load. ``model_name_or_path: testbed:tiny`` in a config resolves to a
+cached build (``python -m egrsd_pl.testbed build`` makes it ahead of time).
+"""
+
+from egrsd_pl.testbed.build import (
+    DEFAULT_BUDGET_S,
+    TESTBED_VERSION,
+    build_testbed,
+    cached_testbed_dir,
+    default_cache_dir,
+    ensure_testbed,
+    resolve_model_path,
+)
+from egrsd_pl.testbed.synthetic import synthetic_problems
+
+__all__ = [
+    "DEFAULT_BUDGET_S",
+    "TESTBED_VERSION",
+    "build_testbed",
+    "default_cache_dir",
+    "ensure_testbed",
+    "resolve_model_path",
+    "synthetic_problems",
+    "cached_testbed_dir",
+]

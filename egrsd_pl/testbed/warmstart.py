@@ -1,0 +1,269 @@
+"""Warm start of the tiny model: SFT on a mix of concise, verbose and privileged examples.
+
+The corpus is built with :class:`~egrsd_pl.prompts.PromptBuilder`, so the warm-started model
+knows exactly the prompt formats the trainer uses:
+
+- student examples (75 %): student prompt -> chain of thought -> answer. Three in four chains are
+  *verbose* (openers, re-checks, corrected false starts, recaps), one in four concise, so the
+  warm-started model is wasteful in length; its accuracy is imperfect because the budget is
+  short, not because the corpus is wrong.
+- teacher examples (25 %): privileged teacher prompt (problem + reference solution) -> the
+  concise correct completion, so the adapter-disabled teacher actually reads the reference
+  solution when it is shown one (a tiny model trained on student prompts only ignores it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from egrsd_pl.problem import Problem
+from egrsd_pl.prompts import PromptBuilder, pack_completions
+from egrsd_pl.rollout.base import SamplingConfig
+from egrsd_pl.rollout.hf import HFGenerateEngine
+from egrsd_pl.testbed.synthetic import WorkedProblem, worked_problems
+
+TEACHER_SHARE = 0.25  # privileged teacher-format examples
+VERBOSE_SHARE = 0.75  # verbose chains among the student-format examples
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Hyper-parameters of the warm start (defaults tuned for two shared CPU cores).
+
+    Attributes:
+        batch_size: Examples per optimizer step.
+        lr: Peak AdamW learning rate (linear warm-up, cosine decay over the *time* budget to 10 %).
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        pool_size: Distinct training problems; their verbose chains are redrawn every pass.
+    """
+
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    pool_size: int = 20_000
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    """What a warm start did: optimizer steps, examples, wall seconds, smoothed last loss, and
+    whether the wall-clock limit stopped it before its steps were done."""
+
+    steps: int
+    examples: int
+    seconds: float
+    final_loss: float
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class GreedyEval:
+    """Greedy decoding on held-out problems.
+
+    Attributes:
+        accuracy: Share of completions whose last ``\\boxed{}`` after ``</think>`` equals the gold answer.
+        mean_length: Mean completion length in tokens (stop token included, as ``Rollout.length``).
+        truncated: Share of completions that hit ``max_new_tokens``.
+        problems: Number of problems.
+    """
+
+    accuracy: float
+    mean_length: float
+    truncated: float
+    problems: int
+
+
+def example_stream(
+    builder: PromptBuilder, problems: Sequence[WorkedProblem], *, seed: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Endless shuffled ``(prompt_ids, completion_ids)`` pairs of the warm-start mix over ``problems``."""
+    rng = random.Random(seed)
+    student_prompts: dict[str, list[int]] = {}
+    while True:
+        for index in rng.sample(range(len(problems)), len(problems)):
+            worked = problems[index]
+            if rng.random() < TEACHER_SHARE:
+                prompt = builder.teacher_prompt_ids(worked.text, worked.solution)
+                yield prompt, builder.sft_target_ids(worked.solution)
+                continue
+            if worked.id not in student_prompts:
+                student_prompts[worked.id] = builder.student_prompt_ids(worked.text)
+            chain = worked.verbose_chain(rng) if rng.random() < VERBOSE_SHARE else worked.concise_chain()
+            yield student_prompts[worked.id], builder.sft_target_ids(f"{chain}\n{worked.final_line()}")
+
+
+def supervised_loss(
+    model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+) -> torch.Tensor:
+    """Mean cross-entropy of the completion tokens; only completion positions reach the LM head."""
+    device = model.lm_head.weight.device
+    packed = [tensor.to(device) for tensor in pack_completions(prompt_ids, completion_ids, pad_id=pad_id)]
+    input_ids, attention_mask, positions, targets, mask = packed
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # [B, T, D]
+    logits = model.lm_head(hidden.gather(1, index))  # [B, T, V]
+    return F.cross_entropy(logits[mask], targets[mask])  # mask: [B, T]
+
+
+def train_sft(
+    model: Any,
+    builder: PromptBuilder,
+    *,
+    steps: int,
+    seed: int,
+    config: SFTConfig = SFTConfig(),
+    max_wall_s: float = math.inf,
+    log: Callable[[str], None] | None = None,
+    log_every_s: float = 15.0,
+) -> SFTResult:
+    """``steps`` optimizer steps of SFT on the warm-start mix (fewer if ``max_wall_s`` runs out).
+
+    The learning rate has a linear warm-up and a cosine decay to 10 % over ``steps``, so a run
+    is reproducible for a given seed whatever the machine's speed. Leaves the model in eval mode.
+    """
+    if steps <= 0:
+        return SFTResult(steps=0, examples=0, seconds=0.0, final_loss=float("nan"))
+    torch.manual_seed(seed)
+    pool = worked_problems(config.pool_size, seed=seed, split="train")
+    batches = _length_sorted_batches(example_stream(builder, pool, seed=seed), config.batch_size, seed=seed)
+    pad_id = builder.tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    )
+    threads = _ThreadChooser()
+    model.train()
+    start = last_log = time.monotonic()
+    done = examples = 0
+    smoothed = float("nan")
+    try:
+        while done < steps and time.monotonic() - start < max_wall_s:
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _lr_factor(done, done / steps, config.warmup_steps)
+            step_start = time.monotonic()
+            loss = supervised_loss(model, [p for p, _ in batch], [c for _, c in batch], pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            tokens = len(batch) * max(len(p) + len(c) for p, c in batch)
+            threads.record((time.monotonic() - step_start) / tokens, now=time.monotonic())
+            done, examples = done + 1, examples + len(batch)
+            smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
+            if log is not None and time.monotonic() - last_log >= log_every_s:
+                last_log = time.monotonic()
+                log(
+                    f"warm start: step {done}/{steps}, {last_log - start:.0f} s, loss {smoothed:.3f}, "
+                    f"{torch.get_num_threads()} thread(s)"
+                )
+    finally:
+        threads.restore()
+        model.eval()
+    seconds = time.monotonic() - start
+    return SFTResult(done, examples, seconds, smoothed, stopped_early=done < steps)
+
+
+def _lr_factor(step: int, progress: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from 1 to 0.1 over ``progress`` in [0, 1]."""
+    warmup = min(1.0, (step + 1) / warmup_steps)
+    return warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _length_sorted_batches(
+    stream: Iterator[tuple[list[int], list[int]]], batch_size: int, *, seed: int
+) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Batches cut from groups of 16 batches sorted by length (less padding), in shuffled order."""
+    rng = random.Random(seed)
+    while True:
+        group = sorted((next(stream) for _ in range(16 * batch_size)), key=lambda e: len(e[0]) + len(e[1]))
+        batches = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+class _ThreadChooser:
+    """Keeps torch's intra-op thread count at whichever of (default, 1) trains faster right now.
+
+    On a CPU shared with other jobs, threads that wait for each other can be several times slower
+    than a single thread (measured on a loaded 2-core machine: 5 s against 1 s a step); on an idle
+    machine the default is faster. Every ``probe_every_s`` the other setting runs up to ``window``
+    steps (one, if that one is twice as slow) and the faster one (median time per token) is kept.
+    Results do not depend on the choice beyond floating-point summation order.
+    """
+
+    def __init__(self, probe_every_s: float = 60.0, window: int = 4) -> None:
+        self.original = torch.get_num_threads()
+        self.probe_every_s, self.window = probe_every_s, window
+        self.timings: dict[int, list[float]] = {self.original: [], 1: []}
+        self.previous: int | None = None  # the setting in use before the probe running now
+        self.next_probe: float | None = None  # first probe 10 s after the first step
+
+    def record(self, seconds_per_token: float, *, now: float) -> None:
+        """Records one step's time per token under the current setting; may switch the setting."""
+        if self.original == 1:
+            return
+        if self.next_probe is None:
+            self.next_probe = now + 10.0
+        current = torch.get_num_threads()
+        self.timings[current] = [*self.timings[current][-(self.window - 1) :], seconds_per_token]
+        if self.previous is not None:  # probing `current`
+            before = statistics.median(self.timings[self.previous])
+            if seconds_per_token > 2 * before or len(self.timings[current]) >= self.window:
+                if statistics.median(self.timings[current]) > before:
+                    torch.set_num_threads(self.previous)
+                self.previous, self.next_probe = None, now + self.probe_every_s
+        elif now >= self.next_probe and len(self.timings[current]) >= self.window:
+            self.previous = current
+            other = 1 if current == self.original else self.original
+            self.timings[other] = []
+            torch.set_num_threads(other)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
+
+
+def boxed_answer(completion: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` after the last ``</think>`` (no nested braces)."""
+    answer_part = completion.rsplit("</think>", 1)[-1]
+    found = re.findall(r"\\boxed\{([^{}]*)\}", answer_part)
+    return found[-1].strip() if found else None
+
+
+@torch.no_grad()
+def evaluate_greedy(
+    model: Any,
+    builder: PromptBuilder,
+    problems: Sequence[Problem],
+    *,
+    privileged: bool = False,
+    max_new_tokens: int = 192,
+    batch_size: int = 128,
+) -> GreedyEval:
+    """Greedy accuracy and mean completion length on ``problems`` (student prompts, or teacher prompts)."""
+    prompts = [
+        builder.teacher_prompt_ids(p.problem, p.solution)
+        if privileged
+        else builder.student_prompt_ids(p.problem)
+        for p in problems
+    ]
+    engine = HFGenerateEngine(batch_size=batch_size)
+    engine.setup(model, builder.tokenizer, model_path="", seed=0)
+    rollouts = engine.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))
+    correct = [boxed_answer(r.text) == p.answer for r, p in zip(rollouts, problems, strict=True)]
+    return GreedyEval(
+        accuracy=sum(correct) / len(problems),
+        mean_length=statistics.fmean(r.length for r in rollouts),
+        truncated=sum(r.truncated for r in rollouts) / len(problems),
+        problems=len(problems),
+    )

@@ -1,0 +1,281 @@
+"""The offline testbed: tokenizer, chat template, tiny Qwen3 save/load, synthetic data, warm start, cache."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from egrsd_pl.prompts import PromptBuilder
+from egrsd_pl.testbed import build as build_module
+from egrsd_pl.testbed import (
+    build_testbed,
+    cached_testbed_dir,
+    ensure_testbed,
+    resolve_model_path,
+    synthetic_problems,
+)
+from egrsd_pl.testbed.synthetic import split_of, worked_problems
+from egrsd_pl.testbed.warmstart import TEACHER_SHARE, _lr_factor, _ThreadChooser, boxed_answer, example_stream
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A testbed with budget 0: tokenizer and randomly initialised model, no warm start (a few seconds)."""
+    return build_testbed(tmp_path_factory.mktemp("untrained"), budget_s=0, seed=0, progress=False)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trip(tiny_tokenizer: Any) -> None:
+    texts = [
+        "Mia has 23 apples and buys 3 bags with 14 apples in each.",
+        "Check: 118 + 180 = 298. Yes.\n\nSo \\boxed{298}",
+        "Unseen words, tabs\tand unicode: café, 3½, 数学 ✓",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nx\n</think>\n\ny<|im_end|>",
+    ]
+    for text in texts:
+        assert tiny_tokenizer.decode(tiny_tokenizer.encode(text), skip_special_tokens=False) == text
+    # Digits are split one by one, as in Qwen3: "2026" is four tokens.
+    assert tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer.encode("2026")) == ["2", "0", "2", "6"]
+
+
+def test_special_tokens_follow_qwen3(tiny_tokenizer: Any) -> None:
+    assert tiny_tokenizer.eos_token == "<|im_end|>"
+    assert tiny_tokenizer.pad_token == "<|endoftext|>"
+    assert tiny_tokenizer.bos_token is None
+    assert tiny_tokenizer.padding_side == "right"
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
+        assert tiny_tokenizer.encode(token) == [tiny_tokenizer.convert_tokens_to_ids(token)]
+    # <think> tags are added but not special: skip_special_tokens keeps them and drops <|im_end|>.
+    ids = tiny_tokenizer.encode("<think>\nx\n</think>\n\ny<|im_end|>")
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == "<think>\nx\n</think>\n\ny"
+
+
+def test_chat_template_honours_enable_thinking(tiny_tokenizer: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}]
+    head = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    render = tiny_tokenizer.apply_chat_template
+    assert render(messages, tokenize=False, add_generation_prompt=True) == head
+    assert render(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True) == head
+    assert (
+        render(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        == head + "<think>\n\n</think>\n\n"
+    )
+
+
+def test_chat_template_renders_reasoning_like_qwen3(tiny_tokenizer: Any) -> None:
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "<think>\nold thought\n</think>\n\nA1"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "<think>\nnew thought\n</think>\n\nA2"},
+    ]
+    # Reasoning of turns before the last user message is dropped; the final turn keeps it.
+    assert tiny_tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n<think>\nnew thought\n</think>\n\nA2<|im_end|>\n"
+    )
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def test_saved_folder_loads_with_from_pretrained(untrained_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from egrsd_pl.testbed.model import build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(untrained_dir)
+    model = AutoModelForCausalLM.from_pretrained(untrained_dir, dtype=torch.float32)
+    config = model.config
+    assert config.model_type == "qwen3" and type(model).__name__ == "Qwen3ForCausalLM"
+    assert config.vocab_size == len(tokenizer)
+    assert config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert config.pad_token_id == tokenizer.pad_token_id
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 300_000 < parameters < 5_000_000
+    generation = GenerationConfig.from_pretrained(untrained_dir)
+    assert generation.eos_token_id == [
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    ]
+    # Seeded initialisation: a fresh build with the same seed has the saved weights exactly.
+    fresh = build_model(config, seed=0)
+    ids = torch.tensor([tokenizer.encode("Mia has 3 apples.")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fresh.eval()(ids).logits, atol=0, rtol=0)
+    report = json.loads((untrained_dir / "testbed.json").read_text())
+    assert report["sft_steps"] == 0 and "greedy_accuracy" not in report
+
+
+# --- synthetic problems ------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_and_splits_are_disjoint() -> None:
+    first = synthetic_problems(200, seed=3, split="train")
+    assert first == synthetic_problems(200, seed=3, split="train")
+    assert first != synthetic_problems(200, seed=4, split="train")
+    assert first[:50] == synthetic_problems(50, seed=3, split="train")  # a prefix of a longer list
+    texts = {
+        split: {p.problem for p in synthetic_problems(300, seed=0, split=split)}
+        for split in ("train", "validation", "test")
+    }
+    assert all(len(found) == 300 for found in texts.values())  # distinct within a split
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert all(split_of(text) == "test" for text in texts["test"])
+    with pytest.raises(ValueError, match="split"):
+        synthetic_problems(1, seed=0, split="dev")  # type: ignore[arg-type]
+
+
+def test_problem_records_are_consistent() -> None:
+    for worked in worked_problems(300, seed=1, split="validation"):
+        problem = worked.problem
+        assert problem.id == worked.id and problem.id.startswith("synth-")
+        assert problem.answer == str(worked.answer)
+        assert boxed_answer(problem.solution) == problem.answer  # solution ends with \boxed{answer}
+        for step in worked.steps:
+            assert step.result == (step.left + step.right if step.op == "+" else step.left * step.right)
+    # Hand-checked example of the rendering.
+    step = worked_problems(1, seed=0)[0].steps[0]
+    assert step.line() == f"{step.label}: {step.left} {step.op} {step.right} = {step.result}."
+
+
+def test_verbose_chains_are_correct_and_fit_the_tiny_budget(tiny_tokenizer: Any) -> None:
+    builder = PromptBuilder(tiny_tokenizer)
+    rng = random.Random(0)
+    concise, verbose = [], []
+    for worked in worked_problems(300, seed=0, split="test"):
+        chain = worked.verbose_chain(rng)
+        assert f"= {worked.answer}." in chain or f"is {worked.answer}" in chain  # reaches the answer
+        concise.append(len(builder.sft_target_ids(worked.solution)))
+        verbose.append(len(builder.sft_target_ids(f"{chain}\n{worked.final_line()}")))
+    # Concise solutions are short; verbose chains are about twice as long and never need more than
+    # the tiny config's 192 new tokens.
+    assert min(concise) >= 25 and max(concise) <= 80
+    assert sum(verbose) / len(verbose) > 1.5 * sum(concise) / len(concise)
+    assert max(verbose) < 192
+
+
+def test_warm_start_mix_has_privileged_examples(tiny_tokenizer: Any) -> None:
+    builder = PromptBuilder(tiny_tokenizer)
+    problems = worked_problems(50, seed=0)
+    stream = example_stream(builder, problems, seed=0)
+    examples = [next(stream) for _ in range(1000)]
+    marker = tiny_tokenizer.encode("=== Reference Solution Begin ===")[1:4]
+    teacher = [(p, c) for p, c in examples if _contains(p, marker)]
+    assert abs(len(teacher) / len(examples) - TEACHER_SHARE) < 0.05
+    by_prompt = {tuple(builder.teacher_prompt_ids(w.text, w.solution)): w for w in problems}
+    for prompt, completion in teacher:  # privileged examples answer with the concise solution
+        assert completion == builder.sft_target_ids(by_prompt[tuple(prompt)].solution)
+    assert all(c[-1] == tiny_tokenizer.eos_token_id for _, c in examples)
+
+
+def _contains(sequence: list[int], part: list[int]) -> bool:
+    return any(sequence[i : i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
+
+
+# --- warm start --------------------------------------------------------------------------------
+
+
+def test_lr_factor_hand_checked() -> None:
+    assert _lr_factor(0, 0.0, warmup_steps=30) == pytest.approx(1 / 30)  # warm-up, cosine at 1
+    assert _lr_factor(100, 0.5, warmup_steps=30) == pytest.approx(0.55)  # 0.1 + 0.9 * 0.5 * (1 + 0)
+    assert _lr_factor(100, 1.0, warmup_steps=30) == pytest.approx(0.1)  # floor
+
+
+def test_thread_chooser_keeps_the_faster_setting() -> None:
+    original = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chooser = _ThreadChooser(probe_every_s=60.0, window=2)
+        for _ in range(2):
+            chooser.record(1.0, now=0.0)  # two threads: 1 s per token
+        chooser.record(1.0, now=100.0)  # probe time: switch to one thread
+        assert torch.get_num_threads() == 1
+        chooser.record(5.0, now=101.0)  # 5x slower: the probe ends at once, back to two threads
+        assert torch.get_num_threads() == 2 and chooser.next_probe == 161.0
+        chooser.record(1.0, now=200.0)  # next probe
+        assert torch.get_num_threads() == 1
+        chooser.record(0.5, now=201.0)
+        chooser.record(0.5, now=202.0)  # one thread is faster over the window: kept
+        assert torch.get_num_threads() == 1
+        chooser.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_boxed_answer_takes_the_last_box_after_thinking() -> None:
+    assert boxed_answer("<think>\n\\boxed{1}\n</think>\n\nSo \\boxed{2} or \\boxed{ 3 }") == "3"
+    assert boxed_answer("<think>\nx = \\boxed{4}\n</think>\n\nno box") is None
+    assert boxed_answer("no thinking, \\boxed{5}") == "5"
+
+
+@pytest.mark.slow
+def test_warm_start_smoke(tmp_path: Path) -> None:
+    folder = build_testbed(tmp_path / "tb", budget_s=3.0, seed=0, progress=False, eval_problems=4)
+    report = json.loads((folder / "testbed.json").read_text())
+    assert report["sft_steps"] == report["sft_steps_planned"] == 21  # round(3 / 0.14)
+    assert report["sft_examples"] == 16 * 21
+    assert 0.0 <= report["greedy_accuracy"] <= 1.0 and report["eval_problems"] == 4
+    assert 1 <= report["mean_completion_length"] <= 192
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+
+
+def test_tiny_model_dir_fixture_is_warm_started(tiny_model_dir: Path) -> None:
+    report = json.loads((tiny_model_dir / "testbed.json").read_text())
+    assert report["sft_steps"] > 0 and report["budget_s"] > 0
+
+
+# --- cache and resolution ----------------------------------------------------------------------
+
+
+def test_ensure_testbed_caches_and_builds_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_build = build_module.build_testbed
+
+    def counting_build(output: Path, **kwargs: Any) -> Path:
+        calls.append(output)
+        return real_build(output, **kwargs)
+
+    monkeypatch.setattr(build_module, "build_testbed", counting_build)
+    folder = ensure_testbed(tmp_path, budget_s=0, seed=2, progress=False)
+    assert folder == cached_testbed_dir(tmp_path, budget_s=0, seed=2) == tmp_path / "testbed-v1-budget0-seed2"
+    assert (folder / "testbed.json").is_file() and calls[0] != folder  # built in a staging folder
+    assert ensure_testbed(tmp_path, budget_s=0, seed=2, progress=False) == folder
+    assert len(calls) == 1  # the second call hit the cache
+
+    def failing_build(output: Path, **kwargs: Any) -> Path:
+        (Path(output) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "build_testbed", failing_build)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_testbed(tmp_path, budget_s=0, seed=3, progress=False)
+    # Nothing half-built is left: neither the target nor the staging folder.
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [folder.name]
+
+
+def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_model_path("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+    assert resolve_model_path("/models/qwen3") == "/models/qwen3"
+    monkeypatch.setenv("EGRSD_PL_CACHE", str(tmp_path))
+    monkeypatch.setattr(build_module, "ensure_testbed", lambda **kw: cached_testbed_dir(**kw))
+    assert resolve_model_path("testbed:tiny") == str(tmp_path / "testbed-v1-budget210-seed0")
+    assert resolve_model_path("testbed:tiny?budget_s=30&seed=1") == str(
+        tmp_path / "testbed-v1-budget30-seed1"
+    )
+    for bad in ("testbed:huge", "testbed:tiny?steps=3", "testbed:tiny?seed=x"):
+        with pytest.raises(ValueError, match="testbed"):
+            resolve_model_path(bad)
