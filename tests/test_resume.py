@@ -148,6 +148,7 @@ def test_stopped_and_resumed_runs_equal_the_straight_run(runs):
         print(f"final {adapter} adapter, straight vs resumed: max |diff| {diff:.3g}")
         assert diff <= 1e-6
     assert reward_stats(straight) == reward_stats(resumed)
+    print(f"reward statistics after {STRAIGHT_STEPS} steps, both runs: {reward_stats(straight)['stats']}")
     assert reward_stats(straight)["stats"]["steps"] == STRAIGHT_STEPS  # one merge per optimizer step
     assert (
         straight.datamodule.state_dict()
@@ -234,21 +235,32 @@ def test_adapter_beside_the_checkpoint_loads_with_plain_peft_and_gives_the_modul
 
 
 def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, tmp_path):
-    """accumulate_grad_batches 2 over 3 micro-batches per epoch: steps of 2, 1, 2, 1 micro-batches."""
-    accumulate = "--trainer.accumulate_grad_batches=2"
+    """accumulate_grad_batches 2 over 3 micro-batches per epoch: steps of 2, 1, 2, 1 micro-batches.
+
+    The rollouts come from ``test_ddp.FixedEngine`` (half of them correct), so ``σ_r > 0`` and, after
+    the 1-step warm-up, the advantages of steps 2-4 use the running statistics: a resume that lost
+    or double-counted them would change the weights.
+    """
+    options = (
+        "--trainer.accumulate_grad_batches=2",
+        "--data.max_new_tokens=32",
+        '--data.engine={"class_path": "test_ddp.FixedEngine", "init_args": {"source": "synthetic:6"}}',
+    )
     with one_torch_thread(), working_dir(tmp_path / "straight"):
-        straight = build_cli(cli_args(tiny_model_dir, 4, accumulate))
+        straight = build_cli(cli_args(tiny_model_dir, 4, *options))
     with one_torch_thread(), working_dir(tmp_path / "resumed"):
-        build_cli(cli_args(tiny_model_dir, 2, accumulate))
-        resumed = build_cli(cli_args(tiny_model_dir, 4, accumulate, "--ckpt_path=last"))
+        build_cli(cli_args(tiny_model_dir, 2, *options))
+        resumed = build_cli(cli_args(tiny_model_dir, 4, *options, "--ckpt_path=last"))
     for adapter in ("default", "teacher"):
         diff = max_abs_diff(lora_weights(straight, adapter), lora_weights(resumed, adapter))
         print(f"\naccumulation 2, {adapter}: straight vs 2 + resume + 2 max |diff| {diff:.3g}")
         assert diff <= 1e-6
     stats = reward_stats(straight)
     assert stats == reward_stats(resumed)
+    print(f"reward statistics after 4 steps, both runs: {stats['stats']}")
     # One merge per optimizer step, of every micro-batch's rewards: 2 epochs x 3 micro-batches x 2 rollouts.
     assert (stats["stats"]["steps"], stats["stats"]["count"]) == (4, 12)
+    assert stats["stats"]["mean"] > 0 and stats["stats"]["m2"] > 0  # σ_r > 0: the statistics were used
     teacher = next(c for c in straight.trainer.callbacks if isinstance(c, TeacherUpdate))
     assert teacher.num_updates == 4  # once per optimizer step, not per micro-batch
 
