@@ -38,13 +38,17 @@ OBJECTIVES = [
 ]
 
 
-def fit(model_dir: Path, tmp_path: Path, objective: str, **model_kwargs) -> tuple[EGRSDModule, L.Trainer]:
+def fit(
+    model_dir: Path, tmp_path: Path, objective: str, *, accelerator: str = "cpu", precision: str = "32-true", **model_kwargs
+) -> tuple[EGRSDModule, L.Trainer]:
     module = EGRSDModule(
         str(model_dir), objective=objective, lora_rank=4, lora_alpha=8, learning_rate=1e-2, **model_kwargs
     )
     data = AlternatingRewards("synthetic:64", batch_size=4, num_rollouts=2, max_new_tokens=24, max_length=512)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
         max_steps=2,
         gradient_clip_val=0.1,
         logger=False,
@@ -65,6 +69,23 @@ def fit(model_dir: Path, tmp_path: Path, objective: str, **model_kwargs) -> tupl
 @pytest.mark.parametrize(("objective", "kwargs"), OBJECTIVES, ids=[o for o, _ in OBJECTIVES])
 def test_objective_trains_the_adapter_only(tiny_model_dir: Path, tmp_path: Path, objective: str, kwargs: dict):
     module, trainer = fit(tiny_model_dir, tmp_path, objective, **kwargs)
+    assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_bf16_mixed_training_on_cuda(tiny_model_dir: Path, tmp_path: Path, attn: str):
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    module, trainer = fit(
+        tiny_model_dir, tmp_path, "cl_egrsd", accelerator="gpu", precision="bf16-mixed",
+        gamma=0.3, window=3, dtype="bfloat16", attn_implementation=attn,
+    )
+    assert module.device.type == "cuda"
+    assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
+
+
+def assert_adapter_trained_base_untouched(module: EGRSDModule, trainer: L.Trainer, model_dir: Path) -> None:
     assert trainer.global_step == 2
     loss = trainer.callback_metrics["train/loss"]
     assert torch.isfinite(loss)
@@ -73,12 +94,12 @@ def test_objective_trains_the_adapter_only(tiny_model_dir: Path, tmp_path: Path,
     lora_b = [p for n, p in module.policy.named_parameters() if "lora_B" in n]
     assert lora_b and max(float(p.detach().abs().max()) for p in lora_b) > 0
     # The base weights are bit-identical to the ones on disk.
-    on_disk = load_file(str(tiny_model_dir / "model.safetensors"))
+    on_disk = load_file(str(model_dir / "model.safetensors"))
     base = module.policy.get_base_model().state_dict()
     checked = 0
     for name, tensor in on_disk.items():
         key = name if name in base else name.replace(".weight", ".base_layer.weight")
-        assert torch.equal(base[key], tensor), name
+        assert torch.equal(base[key].cpu(), tensor.to(base[key].dtype)), name
         checked += 1
     assert checked == len(on_disk)
 
