@@ -61,13 +61,15 @@ def test_constructor_names_the_bad_flag(kwargs: dict, flag: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    try:  # the shared testbed fixture, once tests/conftest.py provides it
-        return str(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
-        from egrsd_pl.testbed.build import build_testbed
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The testbed's seeded *untrained* tiny Qwen3 (``budget_s=0``), not the session's warm-started
+    ``tiny_model_dir``: that one is trained for a wall-clock budget, so its weights depend on the
+    machine's load, while these token-exact tests need the same weights everywhere."""
+    from egrsd_pl.testbed import build_testbed
 
-        return str(build_testbed(tmp_path_factory.mktemp("tiny"), budget_s=0, progress=False))
+    return str(
+        build_testbed(tmp_path_factory.mktemp("untrained"), budget_s=0, progress=False, eval_problems=0)
+    )
 
 
 @pytest.fixture
@@ -166,10 +168,16 @@ def test_seeds_and_teardown_under_a_trainer_process_group(student, model_dir: st
     model, tokenizer, prompts, _ = student
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    engine = VLLMEngine(enforce_eager=True)
+    # a 128-token step budget: 3 prompts of ~55 tokens x 2 rollouts cannot prefill in one step
+    engine = VLLMEngine(enforce_eager=True, max_model_len=128, max_num_batched_tokens=128)
     try:
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
         engine.setup(model, tokenizer, model_path=model_dir, seed=5)
         engine.sync_policy(model, step=0)
+        engine.generate(prompts[:2], SamplingConfig(max_new_tokens=4, seed=None))  # the engine's own seeds
+        assert torch.equal(torch.rand(3), expected)  # start-up and sampling leave the trainer's RNG alone
         sampling = SamplingConfig(
             temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=12, num_rollouts=2, seed=100
         )

@@ -19,7 +19,9 @@ import contextlib
 import gc
 import importlib.util
 import os
+import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,7 +47,9 @@ class VLLMEngine(RolloutEngine):
     Decision: per-request seeds. With ``SamplingConfig.seed`` set, request ``i`` of a call (the
     prompt-major index over ``num_rollouts`` copies of each prompt) samples with seed
     ``seed + i``, so a step's rollouts depend only on the step seed and the synced weights, which
-    is what makes an exact resume possible.
+    is what makes an exact resume possible. With ``seed=None`` the base seed is drawn from the
+    engine's own generator, seeded per rank in :meth:`setup`; the trainer's global generators are
+    never read nor reseeded (vLLM's in-process start-up reseeds them; they are restored).
 
     Args:
         sync: How the policy reaches vLLM: ``"merged"`` (LoRA merged out of place and loaded with
@@ -67,6 +71,8 @@ class VLLMEngine(RolloutEngine):
             ~3 s start-up instead of ~20 s on CPU, and the merged weights move without a copy.
         enable_prefix_caching: Reuse KV blocks of shared prompt prefixes (reset at every sync).
         max_num_seqs: Sequences vLLM schedules at once; ``None`` keeps vLLM's default.
+        max_num_batched_tokens: Token budget of one scheduler step; ``None`` keeps vLLM's default.
+            On CPU it must be at least the model length (chunked prefill is off there, see below).
         adapter_dir: Parent folder of the per-rank adapter folders (``sync="adapter"``); ``None``
             uses the system temporary folder.
     """
@@ -85,6 +91,7 @@ class VLLMEngine(RolloutEngine):
         in_process: bool = True,
         enable_prefix_caching: bool = True,
         max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         adapter_dir: str | None = None,
     ) -> None:
         if sync not in ("merged", "adapter"):
@@ -119,6 +126,7 @@ class VLLMEngine(RolloutEngine):
         self.in_process = in_process
         self.enable_prefix_caching = enable_prefix_caching
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_dir = adapter_dir
         self.sync_count = 0
         self.synced_step: int | None = None
@@ -132,6 +140,7 @@ class VLLMEngine(RolloutEngine):
         self._owns_process_group = False
         self._adapter_root: Path | None = None
         self._lora_request: Any = None
+        self._request_seeds = random.Random(0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,6 +148,7 @@ class VLLMEngine(RolloutEngine):
         """Starts vLLM on ``model_path`` (once; a second call only forgets the last sync)."""
         self._model, self._tokenizer = model, tokenizer
         self._stop_ids = sorted(_stop_token_ids(model, tokenizer))
+        self._request_seeds = random.Random(seed)
         self.synced_step = None
         if self._llm is not None and model_path == self._model_path:
             return
@@ -168,8 +178,14 @@ class VLLMEngine(RolloutEngine):
             enable_sleep_mode=self._sleeps,
             generation_config="vllm",  # sampling comes from SamplingConfig only, stops from _stop_ids
         )
+        if not on_cuda:
+            # A seeded request whose prompt is split over two steps makes vLLM rewind its generator,
+            # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts.
+            kwargs["enable_chunked_prefill"] = False
         if self.max_num_seqs is not None:
             kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.sync == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -178,7 +194,8 @@ class VLLMEngine(RolloutEngine):
             )
         set_num_threads = torch.set_num_threads
         try:
-            self._llm = LLM(**kwargs)
+            with _global_rng_preserved():  # in-process vLLM reseeds the trainer's global generators
+                self._llm = LLM(**kwargs)
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process.
             torch.set_num_threads = set_num_threads
@@ -277,6 +294,8 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        # seed None: a base seed from the engine's own per-rank stream (the trainer's generators stay untouched)
+        first_seed = self._request_seeds.randrange(2**31) if sampling.seed is None else sampling.seed
         prompts, params = [], []
         for index, ids in enumerate(prompt_ids):
             for copy in range(sampling.num_rollouts):
@@ -289,12 +308,13 @@ class VLLMEngine(RolloutEngine):
                         top_p=1.0 if sampling.greedy else sampling.top_p,
                         top_k=0 if sampling.greedy or sampling.top_k <= 0 else sampling.top_k,
                         max_tokens=sampling.max_new_tokens,
-                        seed=None if sampling.seed is None else sampling.seed + request,
+                        seed=first_seed + request,
                         stop_token_ids=self._stop_ids,
                         detokenize=False,
                     )
                 )
-        outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        with _global_rng_preserved():  # vLLM's CPU sampler draws from the global generator even when seeded
+            outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
         rollouts = [
             self._to_rollout(i // sampling.num_rollouts, out.outputs[0]) for i, out in enumerate(outputs)
         ]
@@ -383,6 +403,20 @@ def _destroy_vllm_world() -> None:
         parallel_state._WORLD.destroy()
     parallel_state._WORLD = None
     parallel_state._NODE_COUNT = None
+
+
+@contextlib.contextmanager
+def _global_rng_preserved() -> Iterator[None]:
+    """Restores Python's, NumPy's and torch's (CPU and CUDA) global generators on exit."""
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(python_state)
+    if numpy is not None:
+        numpy.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager
