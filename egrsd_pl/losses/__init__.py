@@ -1,0 +1,69 @@
+"""The objectives library: pure tensor functions, one per step of Algorithm 1 (see SPEC.md).
+
+- :mod:`~egrsd_pl.losses.vocabulary`: teacher entropy / log-probs, student log-probs and OPSD's KL
+  over the full vocabulary, chunked over positions (never ``[B, T, V]`` logits).
+- :mod:`~egrsd_pl.losses.token_weights`: causal window minimum, entropy normalisation, confidence
+  gate, likelihood-ratio magnitude, token advantages, masked reductions.
+- :mod:`~egrsd_pl.losses.objectives`: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd``
+  behind one signature (:data:`OBJECTIVES`, :func:`compute_objective`).
+"""
+
+from egrsd_pl.losses.objectives import (
+    OBJECTIVES,
+    LossStats,
+    ObjectiveInputs,
+    ObjectiveName,
+    ObjectiveSpec,
+    cl_egrsd_objective,
+    compute_objective,
+    egrsd_loss,
+    egrsd_objective,
+    group_relative_advantages,
+    grpo_objective,
+    opsd_objective,
+    rlsd_objective,
+    sft_objective,
+)
+from egrsd_pl.losses.token_weights import (
+    ENTROPY_MAX_FLOOR_NATS,
+    causal_window_min,
+    confidence_gate,
+    likelihood_ratio_magnitude,
+    masked_max,
+    masked_mean,
+    masked_min,
+    normalize_entropy,
+    policy_gradient_loss,
+    token_advantages,
+)
+from egrsd_pl.losses.vocabulary import student_token_logprobs, teacher_token_stats, token_kl
+
+__all__ = [
+    "ENTROPY_MAX_FLOOR_NATS",
+    "OBJECTIVES",
+    "LossStats",
+    "ObjectiveInputs",
+    "ObjectiveName",
+    "ObjectiveSpec",
+    "causal_window_min",
+    "cl_egrsd_objective",
+    "compute_objective",
+    "confidence_gate",
+    "egrsd_loss",
+    "egrsd_objective",
+    "grpo_objective",
+    "group_relative_advantages",
+    "likelihood_ratio_magnitude",
+    "masked_max",
+    "masked_mean",
+    "masked_min",
+    "normalize_entropy",
+    "opsd_objective",
+    "policy_gradient_loss",
+    "rlsd_objective",
+    "sft_objective",
+    "student_token_logprobs",
+    "teacher_token_stats",
+    "token_advantages",
+    "token_kl",
+]
