@@ -161,8 +161,11 @@ class VLLMEngine(RolloutEngine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space_gib)
         try:
             from vllm import LLM
-        except ImportError as error:  # installed but broken, e.g. the torchvision trap of STACK.md
-            raise ImportError(f"{MISSING_VLLM} ({error})") from None
+        except Exception as error:  # installed but broken, e.g. PyPI torchvision beside the CPU torch
+            raise ImportError(
+                f"vLLM is installed but does not import ({type(error).__name__}: {error}); "
+                "scripts/install.sh removes the packages that break it"
+            ) from error
 
         self._sleeps = self.enable_sleep_mode and on_cuda
         self._owns_process_group = not torch.distributed.is_initialized()
