@@ -53,7 +53,7 @@ class HFGenerateEngine(RolloutEngine):
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        stop_ids = _stop_token_ids(model, tokenizer)
+        stop_ids = stop_token_ids(model, tokenizer)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=sampling.num_rollouts,
@@ -94,7 +94,7 @@ class HFGenerateEngine(RolloutEngine):
         return rollouts
 
 
-def _stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """The ids that end a completion: the generation config's eos ids plus the tokenizer's eos."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
-from egrsd_pl.rollout.hf import _stop_token_ids
+from egrsd_pl.rollout.hf import stop_token_ids
 
 SyncMode = Literal["merged", "adapter"]
 
@@ -147,7 +147,7 @@ class VLLMEngine(RolloutEngine):
     def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
         """Starts vLLM on ``model_path`` (once; a second call only forgets the last sync)."""
         self._model, self._tokenizer = model, tokenizer
-        self._stop_ids = sorted(_stop_token_ids(model, tokenizer))
+        self._stop_ids = sorted(stop_token_ids(model, tokenizer))
         self._request_seeds = random.Random(seed)
         self.synced_step = None
         if self._llm is not None and model_path == self._model_path:
