@@ -233,3 +233,39 @@ def test_large_logits_stay_accurate():
     torch.testing.assert_close(logp.double(), reference_logp, atol=2e-4, rtol=0)
     torch.testing.assert_close(entropy.double(), reference_entropy, atol=2e-4, rtol=0)
     torch.testing.assert_close(kl.double(), reference_kl, atol=2e-4, rtol=0)
+
+
+def test_all_masked_positions_give_zeros_and_zero_gradient():
+    hidden, teacher_hidden, weight, targets, _ = random_case(seed=7)
+    hidden.requires_grad_()
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    logp = student_token_logprobs(hidden, weight, targets, mask=mask)
+    kl = token_kl(hidden, teacher_hidden, weight, mask=mask)
+    (logp.sum() + kl.sum()).backward()
+    assert torch.equal(logp, torch.zeros(3, 7)) and torch.equal(kl, torch.zeros(3, 7))
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    assert all(
+        torch.equal(x, torch.zeros(3, 7)) for x in teacher_token_stats(hidden, weight, targets, mask=mask)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_equals_naive_on_cuda():
+    hidden, teacher_hidden, weight, targets, upstream = (t.cuda() for t in random_case(seed=8))
+    hidden.requires_grad_()
+    logp = student_token_logprobs(hidden, weight, targets, chunk_size=5, vocab_chunk_size=16)
+    kl = token_kl(hidden, teacher_hidden, weight, chunk_size=5, vocab_chunk_size=16)
+    ((logp + kl) * upstream).sum().backward()
+    naive_hidden = hidden.detach().clone().requires_grad_()
+    naive_logp = naive_log_probs(naive_hidden, weight).gather(-1, targets[..., None]).squeeze(-1)
+    naive = naive_kl(naive_hidden, teacher_hidden, weight)
+    ((naive_logp + naive) * upstream).sum().backward()
+    # TF32 matmuls are off by default for float32 in PyTorch, so the float32 tolerance holds.
+    torch.testing.assert_close(logp.detach(), naive_logp.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(kl.detach(), naive.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.grad, naive_hidden.grad, atol=1e-5, rtol=0)
+    _, entropy = teacher_token_stats(hidden, weight, targets, chunk_size=5, vocab_chunk_size=16)
+    torch.testing.assert_close(
+        entropy, naive_token_stats(hidden.detach(), weight, targets)[1], atol=1e-5, rtol=0
+    )

@@ -40,6 +40,28 @@ def _project(hidden: Tensor, weight_block: Tensor) -> Tensor:
     return (hidden @ weight_block.T).float()  # [C, Vb]
 
 
+def _buffer_view(buffer: Tensor, rows: int, columns: int) -> Tensor:
+    """A contiguous ``[rows, columns]`` view of the front of a flat buffer."""
+    return buffer[: rows * columns].view(rows, columns)
+
+
+def _logit_blocks(hidden: Tensor, weight: Tensor, vocab_chunk_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """``(block, logits [C, Vb] float32)`` for consecutive vocabulary blocks of ``weight``.
+
+    Every block is written into the same buffer (a fresh ``[C, Vb]`` allocation per block costs page
+    faults comparable to the reductions): use, or overwrite, the logits before the next step.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    buffer = torch.empty(rows * min(vocab_chunk_size, vocab), dtype=torch.float32, device=hidden.device)
+    for block in _chunks(vocab, vocab_chunk_size):
+        logits = _buffer_view(buffer, rows, block.stop - block.start)  # [C, Vb]
+        if hidden.dtype == weight.dtype == torch.float32:
+            torch.matmul(hidden, weight[block].T, out=logits)
+        else:
+            logits.copy_(hidden @ weight[block].T)
+        yield block, logits
+
+
 def _gather_targets(logits: Tensor, block: slice, targets: Tensor, gathered: Tensor) -> Tensor:
     """``gathered`` with the logit of each target that falls in the vocabulary ``block`` filled in."""
     local = targets - block.start  # [C]
@@ -59,14 +81,17 @@ class _RunningSoftmax:
     def __init__(self) -> None:
         self.max: Tensor | None = None  # [C]
         self.sum: Tensor | None = None  # [C]
+        self._weights_buffer: Tensor | None = None  # reused by every block (the first is the widest)
 
     def update(self, logits: Tensor) -> tuple[Tensor, Tensor]:  # logits [C, Vb] float32
         block_max = logits.amax(-1)  # [C]
-        if self.max is None or self.sum is None:
+        if self.max is None or self.sum is None or self._weights_buffer is None:
             self.max, self.sum = block_max, torch.zeros_like(block_max)
+            self._weights_buffer = torch.empty(logits.numel(), dtype=logits.dtype, device=logits.device)
         new_max = torch.maximum(self.max, block_max)  # [C]
         rescale = (self.max - new_max).exp()  # [C]
-        weights = (logits - new_max[:, None]).exp_()  # [C, Vb]
+        weights = _buffer_view(self._weights_buffer, *logits.shape)  # [C, Vb]
+        torch.sub(logits, new_max[:, None], out=weights).exp_()
         self.sum = self.sum * rescale + weights.sum(-1)
         self.max = new_max
         return weights, rescale
@@ -84,14 +109,14 @@ def _teacher_stats_chunk(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_
     target_logit = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [C]
     expected = torch.zeros_like(target_logit)  # [C] Σ exp(c - m)·c
     reference = None
-    for block in _chunks(weight.shape[0], vocab_chunk_size):
-        logits = _project(hidden, weight[block])  # [C, Vb]
+    for block, logits in _logit_blocks(hidden, weight, vocab_chunk_size):
         if reference is None:
             reference = logits.amax(-1, keepdim=True)  # [C, 1] z0
         centred = logits.sub_(reference)  # [C, Vb] c
         target_logit = _gather_targets(centred, block, targets, target_logit)
         weights, rescale = running.update(centred)
         expected = expected * rescale + torch.einsum("cv,cv->c", weights, centred)
+    assert running.sum is not None
     log_normalizer = running.log_normalizer()  # [C]
     return target_logit - log_normalizer, log_normalizer - expected / running.sum
 
@@ -107,8 +132,7 @@ def _sampled_logp_chunk(hidden, weight, targets, *, vocab_chunk_size, with_jacob
     running = _RunningSoftmax()
     target_logit = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [C]
     expected_row = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [C, D]
-    for block in _chunks(weight.shape[0], vocab_chunk_size):
-        logits = _project(hidden, weight[block])  # [C, Vb]
+    for block, logits in _logit_blocks(hidden, weight, vocab_chunk_size):
         target_logit = _gather_targets(logits, block, targets, target_logit)
         weights, rescale = running.update(logits)
         if with_jacobian:
@@ -133,9 +157,12 @@ def _kl_chunk(hidden, weight, teacher_hidden, *, vocab_chunk_size, with_jacobian
     cross = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [C] Σ e_T (z_T - z_θ)
     student_row = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [C, D]
     teacher_row = torch.zeros_like(student_row)  # [C, D]
-    for block in _chunks(weight.shape[0], vocab_chunk_size):
-        student_logits = _project(hidden, weight[block])  # [C, Vb]
-        teacher_logits = _project(teacher_hidden, weight[block])  # [C, Vb]
+    blocks = zip(
+        _logit_blocks(hidden, weight, vocab_chunk_size),
+        _logit_blocks(teacher_hidden, weight, vocab_chunk_size),
+        strict=True,
+    )
+    for (block, student_logits), (_, teacher_logits) in blocks:
         teacher_weights, teacher_rescale = teacher.update(teacher_logits)
         log_ratio = teacher_logits.sub_(student_logits)  # [C, Vb] z_T - z_θ, in place
         cross = cross * teacher_rescale + torch.einsum("cv,cv->c", teacher_weights, log_ratio)
