@@ -244,7 +244,7 @@ class EGRSDModule(L.LightningModule):
         # Step 4: student forward with grad, projected at completion positions only.
         student_hidden = self.completion_hidden(student)  # [N, T, D]
         student_logp = student_token_logprobs(
-            student_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size
+            student_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size, mask=mask
         )  # [N, T]
         teacher_logp = teacher_entropy = kl = entropy_max = None
         if spec.teacher != "none":
@@ -254,12 +254,14 @@ class EGRSDModule(L.LightningModule):
             if spec.teacher == "token_stats":
                 # Step 5: teacher entropy and sampled-token log-prob, float32, chunked.
                 teacher_logp, teacher_entropy = teacher_token_stats(
-                    teacher_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size
+                    teacher_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size, mask=mask
                 )  # [N, T], [N, T]
                 # Step 7 (scope): the batch maximum of the raw entropies, per device or all ranks.
                 entropy_max = self.entropy_max(teacher_entropy, mask)
             else:
-                kl = token_kl(student_hidden, teacher_hidden, weight, chunk_size=hp.logit_chunk_size)  # [N, T]
+                kl = token_kl(
+                    student_hidden, teacher_hidden, weight, chunk_size=hp.logit_chunk_size, mask=mask
+                )  # [N, T]
         # Steps 6–11: window minimum, normalisation, gate, magnitude, token advantage, masked mean.
         loss, stats = compute_objective(
             hp.objective,
