@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from egrsd_pl.prompts import PromptBuilder
-from egrsd_pl.testbed import build as build_module
 from egrsd_pl.testbed import (
+    TESTBED_VERSION,
     build_testbed,
     cached_testbed_dir,
     ensure_testbed,
     resolve_model_path,
     synthetic_problems,
 )
+from egrsd_pl.testbed import build as build_module
 from egrsd_pl.testbed.synthetic import split_of, worked_problems
 from egrsd_pl.testbed.warmstart import TEACHER_SHARE, _lr_factor, _ThreadChooser, boxed_answer, example_stream
 
@@ -43,6 +44,15 @@ def test_tokenizer_round_trip(tiny_tokenizer: Any) -> None:
         assert tiny_tokenizer.decode(tiny_tokenizer.encode(text), skip_special_tokens=False) == text
     # Digits are split one by one, as in Qwen3: "2026" is four tokens.
     assert tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer.encode("2026")) == ["2", "0", "2", "6"]
+
+
+def test_tokenizer_training_is_deterministic(tiny_tokenizer: Any) -> None:
+    from egrsd_pl.testbed.build import tokenizer_corpus
+    from egrsd_pl.testbed.tokenizer import train_tokenizer
+
+    fresh = train_tokenizer(tokenizer_corpus())
+    assert fresh.get_vocab() == tiny_tokenizer.get_vocab()  # the saved tokenizer of another build
+    assert fresh.chat_template == tiny_tokenizer.chat_template
 
 
 def test_special_tokens_follow_qwen3(tiny_tokenizer: Any) -> None:
@@ -224,8 +234,8 @@ def test_boxed_answer_takes_the_last_box_after_thinking() -> None:
 def test_warm_start_smoke(tmp_path: Path) -> None:
     folder = build_testbed(tmp_path / "tb", budget_s=3.0, seed=0, progress=False, eval_problems=4)
     report = json.loads((folder / "testbed.json").read_text())
-    assert report["sft_steps"] == report["sft_steps_planned"] == 21  # round(3 / 0.14)
-    assert report["sft_examples"] == 16 * 21
+    assert report["sft_steps"] == report["sft_steps_planned"] == 33  # round(3 / 0.09)
+    assert report["sft_examples"] == 16 * 33
     assert 0.0 <= report["greedy_accuracy"] <= 1.0 and report["eval_problems"] == 4
     assert 1 <= report["mean_completion_length"] <= 192
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
@@ -251,7 +261,11 @@ def test_ensure_testbed_caches_and_builds_atomically(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(build_module, "build_testbed", counting_build)
     folder = ensure_testbed(tmp_path, budget_s=0, seed=2, progress=False)
-    assert folder == cached_testbed_dir(tmp_path, budget_s=0, seed=2) == tmp_path / "testbed-v1-budget0-seed2"
+    assert (
+        folder
+        == cached_testbed_dir(tmp_path, budget_s=0, seed=2)
+        == tmp_path / f"testbed-v{TESTBED_VERSION}-budget0-seed2"
+    )
     assert (folder / "testbed.json").is_file() and calls[0] != folder  # built in a staging folder
     assert ensure_testbed(tmp_path, budget_s=0, seed=2, progress=False) == folder
     assert len(calls) == 1  # the second call hit the cache
@@ -272,9 +286,9 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_model_path("/models/qwen3") == "/models/qwen3"
     monkeypatch.setenv("EGRSD_PL_CACHE", str(tmp_path))
     monkeypatch.setattr(build_module, "ensure_testbed", lambda **kw: cached_testbed_dir(**kw))
-    assert resolve_model_path("testbed:tiny") == str(tmp_path / "testbed-v1-budget210-seed0")
+    assert resolve_model_path("testbed:tiny") == str(tmp_path / f"testbed-v{TESTBED_VERSION}-budget210-seed0")
     assert resolve_model_path("testbed:tiny?budget_s=30&seed=1") == str(
-        tmp_path / "testbed-v1-budget30-seed1"
+        tmp_path / f"testbed-v{TESTBED_VERSION}-budget30-seed1"
     )
     for bad in ("testbed:huge", "testbed:tiny?steps=3", "testbed:tiny?seed=x"):
         with pytest.raises(ValueError, match="testbed"):

@@ -43,7 +43,7 @@ _TWO_ADDENDS = (10, 99)
 _THREE_ADDENDS = (5, 50)
 _START_COUNT = (10, 60)
 _CONTAINER_COUNT = (2, 9)
-_PER_CONTAINER = (2, 12)
+_PER_CONTAINER = (2, 19)
 
 _OPENERS = (
     "Let me think step by step.",
@@ -146,7 +146,7 @@ def _fields(step: Step) -> dict[str, object]:
 
 
 def _table_fact(rng: random.Random) -> tuple[int, int]:
-    """A multiplication-table fact: 2..9 containers of 2..12 items."""
+    """A one-digit multiplication fact: 2..9 containers of 2..19 items."""
     return rng.randint(*_CONTAINER_COUNT), rng.randint(*_PER_CONTAINER)
 
 
@@ -203,9 +203,9 @@ def _two_products(rng: random.Random, name: str, items: str) -> tuple[str, list[
 _KINDS: tuple[tuple[Callable[[random.Random, str, str], tuple[str, list[Step], str]], float], ...] = (
     (_add_two, 0.2),
     (_add_three, 0.2),
-    (_multiply, 0.2),
+    (_multiply, 0.1),
     (_multiply_add, 0.25),
-    (_two_products, 0.15),
+    (_two_products, 0.25),
 )
 
 
