@@ -53,7 +53,9 @@ class EGRSDCLI(LightningCLI):
         parser.set_defaults({"evaluation.every_n_steps": 0, "evaluation.at_end": False})
 
 
-def build_cli(args: list[str] | None = None, *, run: bool = True, cli_class: type[EGRSDCLI] = EGRSDCLI) -> EGRSDCLI:
+def build_cli(
+    args: list[str] | None = None, *, run: bool = True, cli_class: type[EGRSDCLI] = EGRSDCLI
+) -> EGRSDCLI:
     """Builds (and by default runs) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests).
 
     With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments.

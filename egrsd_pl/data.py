@@ -227,7 +227,9 @@ class RolloutDataModule(L.LightningDataModule):
             self.verifier = self._new_verifier()
 
     def _new_verifier(self) -> AnswerVerifier:
-        return AnswerVerifier(num_workers=self.hparams.verify_workers, timeout_s=self.hparams.verify_timeout_s)
+        return AnswerVerifier(
+            num_workers=self.hparams.verify_workers, timeout_s=self.hparams.verify_timeout_s
+        )
 
     def train_dataloader(self) -> DataLoader:
         builder = self._prompt_builder()
@@ -253,7 +255,10 @@ class RolloutDataModule(L.LightningDataModule):
         if self._restored is not None:
             self._sampler.set_epoch(self._restored["epoch"])
             self._sampler.skip = self._restored["batches_in_epoch"] * self.hparams.batch_size
-            self._epoch_seen, self._batches_in_epoch = self._restored["epoch"], self._restored["batches_in_epoch"]
+            self._epoch_seen, self._batches_in_epoch = (
+                self._restored["epoch"],
+                self._restored["batches_in_epoch"],
+            )
             self._restored = None
         return DataLoader(
             _ProblemDataset(kept),
@@ -291,7 +296,9 @@ class RolloutDataModule(L.LightningDataModule):
         self._batches_in_epoch += 1
         module = trainer.lightning_module
         step = trainer.global_step
-        seed = _rollout_seed(self.hparams.seed, trainer.current_epoch, step, trainer.global_rank, self._batches_in_epoch)
+        seed = _rollout_seed(
+            self.hparams.seed, trainer.current_epoch, step, trainer.global_rank, self._batches_in_epoch
+        )
         return self.make_batch(batch, module, step=step, seed=seed).to(module.device)
 
     def make_batch(self, problems: list[Problem], module: Any, *, step: int, seed: int) -> RolloutBatch:
@@ -326,7 +333,9 @@ class RolloutDataModule(L.LightningDataModule):
             rewards=rewards,
             correct=correct,
             group_ids=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
-            student=pack_completions([student_prompts[r.prompt_index] for r in rollouts], completions, pad_id=pad_id),
+            student=pack_completions(
+                [student_prompts[r.prompt_index] for r in rollouts], completions, pad_id=pad_id
+            ),
             teacher=pack_completions(teacher_prompts, completions, pad_id=pad_id),
             rollout_seconds=rollout_seconds,
         )
@@ -339,7 +348,9 @@ class RolloutDataModule(L.LightningDataModule):
         verdicts = self.verifier.verify_batch([r.text for r in rollouts], golds)
         # A truncated completion has no final answer by construction; it still gets r = 0 via its verdict.
         rewards = [
-            length_shaped_reward(ok and not r.truncated, r.length, self.sampling.max_new_tokens, self.hparams.length_beta)
+            length_shaped_reward(
+                ok and not r.truncated, r.length, self.sampling.max_new_tokens, self.hparams.length_beta
+            )
             for ok, r in zip(verdicts, rollouts, strict=True)
         ]
         correct = [ok and not r.truncated for ok, r in zip(verdicts, rollouts, strict=True)]
@@ -349,7 +360,10 @@ class RolloutDataModule(L.LightningDataModule):
         if not self._engine_ready:
             rank = self.trainer.global_rank if self.trainer else 0
             self.engine.setup(
-                module.policy, module.tokenizer, model_path=module.model_path, seed=self.hparams.seed + 7919 * rank
+                module.policy,
+                module.tokenizer,
+                model_path=module.model_path,
+                seed=self.hparams.seed + 7919 * rank,
             )
             self._engine_ready = True
 
@@ -364,12 +378,17 @@ class RolloutDataModule(L.LightningDataModule):
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         epoch = self.trainer.current_epoch if self.trainer else 0
-        if epoch != self._epoch_seen:  # Lightning closed the epoch of the counted batches: the next one starts
+        if (
+            epoch != self._epoch_seen
+        ):  # Lightning closed the epoch of the counted batches: the next one starts
             return {"epoch": epoch, "batches_in_epoch": 0}
         return {"epoch": epoch, "batches_in_epoch": self._batches_in_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = {"epoch": int(state_dict["epoch"]), "batches_in_epoch": int(state_dict["batches_in_epoch"])}
+        self._restored = {
+            "epoch": int(state_dict["epoch"]),
+            "batches_in_epoch": int(state_dict["batches_in_epoch"]),
+        }
 
 
 def _rollout_seed(seed: int, epoch: int, step: int, rank: int, batch_in_epoch: int) -> int:

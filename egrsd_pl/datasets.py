@@ -118,7 +118,8 @@ def load_problems_with_report(
     Args:
         source: A ``.jsonl``/``.json``/``.parquet`` file, a directory of them (read in name order),
             ``synthetic:<n>`` (``n`` problems of :func:`egrsd_pl.testbed.synthetic.synthetic_problems`, seed 0),
-            or a Hugging Face hub dataset name (``datasets.load_dataset(source, split=split)``).
+            or a Hugging Face hub dataset name (``datasets.load_dataset(source, split=split)``;
+            ``name@config`` picks a configuration, e.g. ``openai/gsm8k@main``).
         split: Hub split; for ``synthetic:`` the testbed split; for a JSON file holding
             ``{split: [rows]}`` the key to read.
         problem_column: Column of the problem statement (a non-empty string).
@@ -332,8 +333,10 @@ def _parquet_records(path: Path, name: str) -> list[dict[str, Any]]:
 def _hub_rows(source: str, split: str) -> Iterator[tuple[_Where, Any]]:
     import datasets
 
+    path, _, config = source.partition("@")  # "openai/gsm8k@main": a dataset with named configurations
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        configs = (config,) if config else ()
+        dataset = datasets.load_dataset(path, *configs, split=split)
     except Exception as error:  # noqa: BLE001 - offline, unknown name, bad split: all one message
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise DatasetError(

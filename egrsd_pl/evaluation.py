@@ -66,7 +66,7 @@ PAPER_BENCHMARKS: dict[str, _Source] = {
     "hmmt25": _Source("MathArena/hmmt_feb_2025", "train", "problem", "answer", None),
     "math500": _Source("HuggingFaceH4/MATH-500", "test", "problem", "answer", "unique_id"),
     "minerva": _Source("math-ai/minervamath", "test", "question", "answer", None),
-    "gsm8k": _Source("openai/gsm8k", "test", "question", "answer", None),
+    "gsm8k": _Source("openai/gsm8k@main", "test", "question", "answer", None),
 }
 """The six benchmarks of the paper, by short name: where they live on the hub."""
 

@@ -161,7 +161,9 @@ class EGRSDModule(L.LightningModule):
         self.model_path = resolve_model_path(hp.model_name_or_path)
         dtype = hp.dtype if hp.dtype == "auto" else getattr(torch, hp.dtype)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=hp.trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, trust_remote_code=hp.trust_remote_code
+            )
             base = AutoModelForCausalLM.from_pretrained(
                 self.model_path,
                 dtype=dtype,
@@ -170,7 +172,9 @@ class EGRSDModule(L.LightningModule):
             )
         except OSError as error:  # hub unreachable, unknown repo, missing files
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelPathError(f"--model.model_name_or_path {hp.model_name_or_path!r}: {first_line}") from error
+            raise ModelPathError(
+                f"--model.model_name_or_path {hp.model_name_or_path!r}: {first_line}"
+            ) from error
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if hp.gradient_checkpointing:
@@ -196,7 +200,9 @@ class EGRSDModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         hp = self.hparams
-        return torch.optim.AdamW(params, lr=hp.learning_rate, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=hp.learning_rate, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
+        )
 
     def adapter_parameters(self, adapter: str = "default") -> dict[str, Tensor]:
         """The LoRA tensors of one adapter, keyed by their name with the adapter name removed."""
@@ -293,7 +299,9 @@ class EGRSDModule(L.LightningModule):
         """Final hidden states at the positions that predict each completion token: ``[N, T, D]``."""
         base = self.policy.get_base_model()
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-        hidden = decoder(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state  # [N, L, D]
+        hidden = decoder(
+            input_ids=packed.input_ids, attention_mask=packed.attention_mask
+        ).last_hidden_state  # [N, L, D]
         index = packed.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # [N, T, D]
         return hidden.gather(1, index)
 
@@ -377,10 +385,17 @@ class EGRSDModule(L.LightningModule):
             step_s = now - self._last_batch_end
             tokens = float(batch.student.completion_mask.sum()) if isinstance(batch, RolloutBatch) else 0.0
             self.log("time/step_s", step_s, batch_size=1)
-            self.log("throughput/tokens_per_s", tokens * self.trainer.world_size / max(step_s, 1e-9), batch_size=1)
+            self.log(
+                "throughput/tokens_per_s", tokens * self.trainer.world_size / max(step_s, 1e-9), batch_size=1
+            )
         self._last_batch_end = now
         every = self.hparams.log_text_every_n_steps
-        if every and isinstance(batch, RolloutBatch) and batch.rollouts and (self.global_step - 1) % every == 0:
+        if (
+            every
+            and isinstance(batch, RolloutBatch)
+            and batch.rollouts
+            and (self.global_step - 1) % every == 0
+        ):
             self.log_rollout_text(batch)
 
     def log_rollout_text(self, batch: RolloutBatch) -> None:

@@ -184,6 +184,22 @@ def test_unreadable_json_file(tmp_path):
         load_problems(str(tmp_path / "x.json"))
 
 
+def test_hub_config_after_at_sign_is_passed_to_load_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake(*args, split):
+        calls.append((args, split))
+        return [{"question": "1+1?", "answer": "2"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    problems = load_problems(
+        "openai/gsm8k@main", split="test", problem_column="question", solution_column=None
+    )
+    assert calls == [(("openai/gsm8k", "main"), "test")]
+    assert [(p.problem, p.answer) for p in problems] == [("1+1?", "2")]
+
+
 def test_hub_error_is_one_clear_line(monkeypatch):
     datasets = pytest.importorskip("datasets")
 

@@ -23,7 +23,9 @@ class AlternatingRewards(RolloutDataModule):
     """Scores every other rollout correct, so every objective sees non-degenerate advantages
     (a barely trained tiny model is almost never right, and GRPO on equal rewards has no gradient)."""
 
-    def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, problems: Sequence[Problem], rollouts: Sequence[Rollout]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         correct = torch.arange(len(rollouts)) % 2 == 0
         return correct.float() * 1.25, correct
 
@@ -39,7 +41,13 @@ OBJECTIVES = [
 
 
 def fit(
-    model_dir: Path, tmp_path: Path, objective: str, *, accelerator: str = "cpu", precision: str = "32-true", **model_kwargs
+    model_dir: Path,
+    tmp_path: Path,
+    objective: str,
+    *,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    **model_kwargs,
 ) -> tuple[EGRSDModule, L.Trainer]:
     module = EGRSDModule(
         str(model_dir), objective=objective, lora_rank=4, lora_alpha=8, learning_rate=1e-2, **model_kwargs
@@ -67,7 +75,9 @@ def fit(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("objective", "kwargs"), OBJECTIVES, ids=[o for o, _ in OBJECTIVES])
-def test_objective_trains_the_adapter_only(tiny_model_dir: Path, tmp_path: Path, objective: str, kwargs: dict):
+def test_objective_trains_the_adapter_only(
+    tiny_model_dir: Path, tmp_path: Path, objective: str, kwargs: dict
+):
     module, trainer = fit(tiny_model_dir, tmp_path, objective, **kwargs)
     assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
 
@@ -78,8 +88,15 @@ def test_bf16_mixed_training_on_cuda(tiny_model_dir: Path, tmp_path: Path, attn:
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
     module, trainer = fit(
-        tiny_model_dir, tmp_path, "cl_egrsd", accelerator="gpu", precision="bf16-mixed",
-        gamma=0.3, window=3, dtype="bfloat16", attn_implementation=attn,
+        tiny_model_dir,
+        tmp_path,
+        "cl_egrsd",
+        accelerator="gpu",
+        precision="bf16-mixed",
+        gamma=0.3,
+        window=3,
+        dtype="bfloat16",
+        attn_implementation=attn,
     )
     assert module.device.type == "cuda"
     assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
@@ -109,9 +126,20 @@ def test_rollout_objectives_log_the_documented_metrics(tiny_model_dir: Path, tmp
     _, trainer = fit(tiny_model_dir, tmp_path, "cl_egrsd", gamma=0.3, window=3)
     metrics = trainer.callback_metrics
     for name in [
-        "train/loss", "train/reward_mean", "train/accuracy", "train/completion_len", "train/truncated_frac",
-        "adv/mean", "gate/omega_mean", "gate/omega_min", "magnitude/clip_frac_high", "magnitude/clip_frac_low",
-        "entropy/mean", "entropy/max", "grad/norm_preclip", "time/rollout_s",
+        "train/loss",
+        "train/reward_mean",
+        "train/accuracy",
+        "train/completion_len",
+        "train/truncated_frac",
+        "adv/mean",
+        "gate/omega_mean",
+        "gate/omega_min",
+        "magnitude/clip_frac_high",
+        "magnitude/clip_frac_low",
+        "entropy/mean",
+        "entropy/max",
+        "grad/norm_preclip",
+        "time/rollout_s",
     ]:
         assert name in metrics, name
     # Alternating rewards 1.25 / 0: mean 0.625, accuracy 0.5 (8 rollouts per step).

@@ -43,7 +43,9 @@ class HFGenerateEngine(RolloutEngine):
         return rollouts
 
     @torch.no_grad()
-    def _generate_chunk(self, prompts: Sequence[Sequence[int]], offset: int, sampling: SamplingConfig) -> list[Rollout]:
+    def _generate_chunk(
+        self, prompts: Sequence[Sequence[int]], offset: int, sampling: SamplingConfig
+    ) -> list[Rollout]:
         tokenizer, model = self._tokenizer, self._model
         device = next(model.parameters()).device
         pad_id = tokenizer.pad_token_id
