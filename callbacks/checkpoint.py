@@ -11,7 +11,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -300,7 +300,7 @@ def rng_states() -> dict[str, Any]:
         "python": [version, list(state), gauss],
         "numpy": [
             kind,
-            torch.from_numpy(keys.astype(np.int64)),
+            torch.from_numpy(cast(np.ndarray, keys).astype(np.int64)),
             int(position),
             int(has_gauss),
             float(cached),

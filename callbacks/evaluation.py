@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +17,7 @@ from egrsd_pl.evaluation import (
     Benchmark,
     EvalResult,
     FrontierPoint,
+    PromptSource,
     evaluate,
     figure_to_rgb,
     format_table,
@@ -152,10 +153,10 @@ class PeriodicEvaluation(pl.Callback):
         with torch.no_grad():
             result = evaluate(
                 engine,
-                pl_module.prompt_builder,
+                cast(PromptSource, pl_module.prompt_builder),
                 self._problems,
                 sampling=self.sampling,
-                verifier=getattr(trainer.datamodule, "verifier", None),
+                verifier=getattr(trainer.datamodule, "verifier", None),  # type: ignore[attr-defined]
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 prompts_per_call=self.prompts_per_call,
@@ -211,7 +212,7 @@ def _module_engine(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Rollou
     engine = getattr(pl_module, "engine", None)
     if engine is not None:
         return engine
-    datamodule = trainer.datamodule
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]
     if getattr(datamodule, "engine", None) is None:
         raise RuntimeError(
             "PeriodicEvaluation needs a rollout engine: `pl_module.engine` or `datamodule.engine`"

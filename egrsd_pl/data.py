@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -159,6 +159,10 @@ class RolloutDataModule(L.LightningDataModule):
         verify_timeout_s: Seconds one answer may take before it is scored wrong (and counted).
     """
 
+    if TYPE_CHECKING:
+        # Lightning types ``hparams`` as a MutableMapping; it is an AttributeDict of the init args.
+        hparams: Any
+
     def __init__(
         self,
         train_source: str = "synthetic:4000",
@@ -270,7 +274,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
-        return DataLoader([0], batch_size=1)
+        return DataLoader(cast(Dataset[int], [0]), batch_size=1)
 
     def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
         length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))

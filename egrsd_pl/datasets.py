@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from egrsd_pl.problem import Problem
 from egrsd_pl.rewards import extract_boxed_answer
@@ -149,7 +149,7 @@ def load_problems_with_report(
         report.rows_read = report.loaded = len(problems)
         return problems, report
 
-    problems: list[Problem] = []
+    problems = []
     first_row_of_id: dict[str, _Where] = {}
     for where, row in _rows(source, split):
         report.rows_read += 1
@@ -352,7 +352,7 @@ def _synthetic(source: str, split: str, limit: int | None) -> list[Problem]:
     count = source[len(SYNTHETIC_PREFIX) :]
     if not count.isdigit() or int(count) < 1:
         raise DatasetError(f"{source}: expected synthetic:<number of problems>, e.g. synthetic:4000")
-    from egrsd_pl.testbed.synthetic import synthetic_problems
+    from egrsd_pl.testbed.synthetic import Split, synthetic_problems
 
     n = int(count) if limit is None else min(int(count), limit)
-    return list(synthetic_problems(n, seed=0, split=split))
+    return list(synthetic_problems(n, seed=0, split=cast(Split, split)))

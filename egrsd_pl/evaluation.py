@@ -144,6 +144,7 @@ def load_benchmarks(
         benchmark = resolve_benchmark(spec, bench_dir)
         if benchmark.name in loaded:
             raise ValueError(f"benchmark {benchmark.name!r} is listed twice")
+        assert benchmark.source is not None  # resolve_benchmark always sets it
         problems = load_problems(
             benchmark.source,
             split=benchmark.split,

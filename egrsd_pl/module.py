@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -84,6 +84,10 @@ class EGRSDModule(L.LightningModule):
             N optimizer steps (0 disables).
     """
 
+    if TYPE_CHECKING:
+        # Lightning types ``hparams`` as a MutableMapping; it is an AttributeDict of the init args.
+        hparams: Any
+
     def __init__(
         self,
         model_name_or_path: str = "testbed:tiny",
@@ -144,7 +148,7 @@ class EGRSDModule(L.LightningModule):
         if self.hparams.teacher != "frozen":
             from callbacks.teacher_update import TeacherUpdate
 
-            if not any(isinstance(callback, TeacherUpdate) for callback in self.trainer.callbacks):
+            if not any(isinstance(callback, TeacherUpdate) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
                 raise RuntimeError(
                     f"--model.teacher {self.hparams.teacher!r} needs callbacks.TeacherUpdate to move the teacher "
                     "adapter (main.py / egrsd_pl.cli adds it automatically, from --teacher.*)"
@@ -331,7 +335,7 @@ class EGRSDModule(L.LightningModule):
         """The forced :class:`callbacks.RewardStatistics` callback that owns ``r̄, σ_r``."""
         from callbacks.reward_statistics import RewardStatistics
 
-        for callback in self.trainer.callbacks:
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, RewardStatistics):
                 return callback
         raise RuntimeError(
@@ -399,7 +403,7 @@ class EGRSDModule(L.LightningModule):
             self.log_rollout_text(batch)
 
     def log_rollout_text(self, batch: RolloutBatch) -> None:
-        experiment = getattr(self.logger, "experiment", None)
+        experiment: Any = getattr(self.logger, "experiment", None)
         if self.global_rank != 0 or not hasattr(experiment, "add_text"):
             return
         rollout = batch.rollouts[0]

@@ -62,6 +62,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class AnswerVerifier:
                 counts[reason] += 1
                 pairs.append(None)
             else:
-                pairs.append((_bare_gold(gold), answer))
+                pairs.append((_bare_gold(gold), cast(str, answer)))  # reason is None: a non-empty answer
         boxed = [(f"\\boxed{{{g}}}", f"\\boxed{{{a}}}", _fast_verdict(g, a)) for g, a in filter(None, pairs)]
         verdicts = iter(self._compare(boxed, counts))
         return [next(verdicts) if pair is not None else False for pair in pairs]
@@ -359,9 +360,9 @@ class AnswerVerifier:
         while queue or in_flight:
             for slot in range(self.num_workers):
                 if queue and slot not in in_flight:
-                    worker = self._started_worker(slot)
+                    started = self._started_worker(slot)
                     index = queue.pop()
-                    worker.send(*pairs[index])
+                    started.send(*pairs[index])
                     in_flight[slot] = (index, time.monotonic() + self.timeout_s)
                     self.stats["math_verify"] += 1
             by_fd = {self._workers[slot].fileno(): slot for slot in in_flight}  # type: ignore[union-attr]

@@ -219,7 +219,7 @@ class VLLMEngine(RolloutEngine):
         from vllm.distributed import parallel_state
 
         llm, self._llm = self._llm, None
-        keep_world = contextlib.nullcontext()
+        keep_world: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if not self._owns_process_group:
             keep_world = _patched(parallel_state, "destroy_distributed_environment", _destroy_vllm_world)
         with keep_world:
@@ -381,10 +381,10 @@ def merged_weights(model: Any, adapter: str = POLICY_ADAPTER) -> Iterator[tuple[
             if module.use_dora.get(adapter, False):
                 raise ValueError(f"DoRA adapters cannot be merged for vLLM (layer {name})")
             lora_prefixes.append(name + ".")
-            weight = module.base_layer.weight.detach()
-            yield name + ".weight", weight + module.get_delta_weight(adapter).to(weight.dtype)
+            weight = module.base_layer.weight.detach()  # type: ignore[operator]
+            yield name + ".weight", weight + module.get_delta_weight(adapter).to(weight.dtype)  # type: ignore[attr-defined]
             if module.base_layer.bias is not None:
-                yield name + ".bias", module.base_layer.bias.detach()
+                yield name + ".bias", module.base_layer.bias.detach()  # type: ignore[operator]
     for name, tensor in base.state_dict().items():
         if any(name.startswith(prefix) for prefix in lora_prefixes):
             continue
