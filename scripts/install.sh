@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--gpu" ]]; then
+  # flash-attn compiles against the installed torch: build it outside pip's isolated build environment first.
+  python -m pip install "flash-attn>=2.7" --no-build-isolation
   python -m pip install -e ".[gpu,dev]"
   exit 0
 fi
