@@ -2,7 +2,7 @@
 # The GPU checks, as one prepared script (run from the repo root on a CUDA machine):
 #   bash bench/gpu_check.sh [OUT_DIR]
 # Writes every log to OUT_DIR (default $OUT, else ./gpu_out). Missing pure-Python dependencies can be carried as
-# wheels in .whl/ (installed into /tmp/site first). Results of the last run are in docs/gpu_check.md.
+# wheels in .whl/ (installed into /tmp/site first). Not yet run on a GPU: record its results in docs/ when it is.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
 mkdir -p "$out"
