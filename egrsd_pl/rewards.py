@@ -19,7 +19,7 @@ A completion is scored in five steps (:meth:`AnswerVerifier.verify_batch`):
    from the gold goes on to math-verify, whose rounding to 6 places may still accept it). 82 % of
    the bundled gold answers are plain integers.
 5. math-verify, gold first: ``verify(parse("\\boxed{gold}"), parse("\\boxed{answer}"))`` with its
-   default extraction and comparison options, in a persistent worker subprocess.
+   default extraction and comparison options, in a persistent worker subprocess (:mod:`egrsd_pl.verification_worker`).
 
 Why a subprocess: math-verify bounds its time with ``signal.alarm``, which raises in any thread
 but the main one (and with the timeouts disabled a pathological answer hangs the trainer), and
@@ -45,24 +45,20 @@ Under heavy CPU contention a legitimate but slow check can pass its timeouts and
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import math
 import os
 import re
 import select
-import signal
-import subprocess
-import sys
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from decimal import Decimal
-from pathlib import Path
 from types import TracebackType
 from typing import cast
+
+from egrsd_pl.verification_worker import MathVerifyWorker
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,6 @@ _TOWER = re.compile(r"\d+(?:\.\d+)?(?:\^-?\d+(?:\.\d+)?)+")
 _FACTORIAL = re.compile(r"(\d+(?:\.\d+)?(?:\^-?\d+(?:\.\d+)?)*)\)?!")
 _DROP_FOR_TOWERS = str.maketrans("", "", "{} \t\n")
 _MAX_FACTORIAL_ARGUMENT = 100_000
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def extract_final_answer(completion: str, *, think_opened_in_prompt: bool = False) -> str | None:
@@ -247,7 +242,7 @@ class AnswerVerifier:
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
-        self._workers: list[_Worker | None] = [None] * num_workers
+        self._workers: list[MathVerifyWorker | None] = [None] * num_workers
 
     # ------------------------------------------------------------------ public API
     def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[bool]:
@@ -393,12 +388,14 @@ class AnswerVerifier:
                 del in_flight[slot]
         return verdicts
 
-    def _started_worker(self, slot: int) -> _Worker:
+    def _started_worker(self, slot: int) -> MathVerifyWorker:
         """The worker in ``slot``; an empty slot starts all missing workers (they import in parallel)."""
         if self._workers[slot] is None:
             missing = [i for i, worker in enumerate(self._workers) if worker is None]
             for i in missing:
-                self._workers[i] = _Worker(self.math_verify_timeout_s, self.worker_memory_limit_bytes)
+                self._workers[i] = MathVerifyWorker(
+                    self.math_verify_timeout_s, self.worker_memory_limit_bytes
+                )
             for i in missing:
                 self._workers[i].wait_ready(self.startup_timeout_s)  # type: ignore[union-attr]
                 self.stats["worker_starts"] += 1
@@ -453,142 +450,3 @@ def _log10_of_tower(tower: str) -> float:
         exponent = math.inf if log_value > 300 else 10.0**log_value
         log_value = exponent * math.log10(max(base, 2.0))
     return log_value
-
-
-# ---------------------------------------------------------------------- the worker subprocess
-class _Worker:
-    """One math-verify subprocess speaking JSON lines: ``[seq, gold, answer]`` -> ``[seq, verdict]``."""
-
-    def __init__(self, math_verify_timeout_s: int, memory_limit_bytes: int | None) -> None:
-        code = (
-            f"import sys; sys.path[:1] = [{_PACKAGE_ROOT!r}]; from egrsd_pl.rewards import _serve; "
-            f"_serve({math_verify_timeout_s}, {memory_limit_bytes})"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        self._finalizer = weakref.finalize(self, _kill, self.process)
-        self._buffer = b""
-        self._seq = 0
-        self.dead = False
-
-    def fileno(self) -> int:
-        assert self.process.stdout is not None
-        return self.process.stdout.fileno()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.dead and b"\n" not in self._buffer:
-            if not select.select([self.fileno()], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                break
-            self._read()
-        if not self._buffer.startswith(b'"ready"\n'):
-            self.stop()
-            raise RuntimeError(
-                f"the math-verify worker did not start within {timeout_s:.0f} s "
-                f"(try: {sys.executable} -c 'import math_verify'; its error output is above)"
-            )
-        self._buffer = self._buffer[len(b'"ready"\n') :]
-
-    def send(self, gold_text: str, answer_text: str) -> None:
-        self._seq += 1
-        try:
-            assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps([self._seq, gold_text, answer_text]).encode() + b"\n")
-            self.process.stdin.flush()
-        except OSError:  # broken pipe: the worker died
-            self.dead = True
-
-    def receive(self) -> tuple[bool, bool] | None:
-        """Reads what is available (call when readable); once a reply is complete, ``(verdict, timed_out)``."""
-        self._read()
-        if b"\n" not in self._buffer:
-            return None
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        try:
-            seq, verdict, timed_out = json.loads(line)
-        except ValueError:
-            seq, verdict, timed_out = None, False, False
-        if seq != self._seq:  # garbled or out of step: treat as dead, it gets restarted
-            self.dead = True
-            return None
-        return bool(verdict), bool(timed_out)
-
-    def _read(self) -> None:
-        chunk = os.read(self.fileno(), 65536)
-        if chunk:
-            self._buffer += chunk
-        else:  # end of file: the worker exited
-            self.dead = True
-
-    def stop(self) -> None:
-        self._finalizer()
-
-    def abandon(self) -> None:
-        """Forgets a worker inherited through ``fork`` without killing it (it is the parent's)."""
-        self._finalizer.detach()
-        _close_pipes(self.process)
-
-
-def _kill(process: subprocess.Popen) -> None:
-    process.kill()
-    process.wait()
-    _close_pipes(process)
-
-
-def _close_pipes(process: subprocess.Popen) -> None:
-    for pipe in (process.stdin, process.stdout):
-        try:
-            if pipe is not None:
-                pipe.close()
-        except OSError:  # a request still buffered for a dead worker
-            pass
-
-
-class _TimeoutRecorder(logging.Handler):
-    """Notes math-verify's "Timeout during ..." warnings (its only sign of a timeout) and drops all records."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.seen = self.seen or record.getMessage().startswith("Timeout")
-
-
-def _serve(math_verify_timeout_s: int, memory_limit_bytes: int | None) -> None:
-    """Worker main loop: math-verify in the main thread of its own process, its timeouts active."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's; we exit when stdin closes
-    if memory_limit_bytes is not None:
-        import resource
-
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        soft = memory_limit_bytes if hard == resource.RLIM_INFINITY else min(memory_limit_bytes, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints of any library go to stderr, not into the protocol
-    sys.stdout = sys.stderr
-    logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
-    timeouts = _TimeoutRecorder()  # math-verify logs its timeouts and returns "no match" / False
-    math_verify_log = logging.getLogger("math_verify")
-    math_verify_log.addHandler(timeouts)
-    math_verify_log.propagate = False
-    from math_verify import parse, verify
-
-    gold_cache: OrderedDict[str, list] = OrderedDict()
-    replies.write(b'"ready"\n')
-    replies.flush()
-    for line in sys.stdin.buffer:
-        seq, gold_text, answer_text = json.loads(line)
-        timeouts.seen = False
-        try:
-            if gold_text not in gold_cache:
-                gold_cache[gold_text] = parse(gold_text, parsing_timeout=math_verify_timeout_s)
-                if len(gold_cache) > 4096:
-                    gold_cache.popitem(last=False)
-            answer = parse(answer_text, parsing_timeout=math_verify_timeout_s)
-            verdict = bool(verify(gold_cache[gold_text], answer, timeout_seconds=math_verify_timeout_s))
-        except BaseException:  # noqa: BLE001 - math-verify's TimeoutException is a BaseException
-            verdict = False
-        replies.write(json.dumps([seq, verdict, timeouts.seen]).encode() + b"\n")
-        replies.flush()
