@@ -130,7 +130,6 @@ class EGRSDModule(L.LightningModule):
         self.model_path: str = model_name_or_path
         self.strict_loading = False  # checkpoints hold the adapters, not the frozen base weights
         self._last_batch_end: float | None = None
-        self._last_batch: RolloutBatch | None = None
 
     # ---------------------------------------------------------------- model
     @property
@@ -293,7 +292,6 @@ class EGRSDModule(L.LightningModule):
         if spec.uses_rollouts:
             self.reward_statistics().record(batch.rewards)
         self.log_training_step(batch, loss, stats, advantages)
-        self._last_batch = batch
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
