@@ -11,6 +11,7 @@ there too.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -22,7 +23,7 @@ from callbacks.evaluation import PeriodicEvaluation
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
-from egrsd_pl.data import RolloutDataModule
+from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -71,10 +72,45 @@ def build_cli(
     )
 
 
+# Commands that are not Lightning's: name -> (module with ``main(argv) -> int``, one line of help).
+TOOLS: dict[str, tuple[str, str]] = {
+    "compare": (
+        "egrsd_pl.compare",
+        "train and evaluate several methods over seeds; the paper's tables and Fig. 1",
+    ),
+    "diagnose": (
+        "egrsd_pl.diagnostics",
+        "entropy deciles, lock/fork/pivot regimes and token pictures of a checkpoint",
+    ),
+    "testbed": ("egrsd_pl.testbed.__main__", "build or locate the offline testbed models"),
+}
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a method (python main.py fit --config configs/tiny.yaml)",
+    "validate": "avg@K evaluation of the base model or a checkpoint (--ckpt_path)",
+}
+
+
+def usage() -> str:
+    """``egrsd --help``: every command with one line each."""
+    lines = ["usage: egrsd COMMAND [--help] [options]", "", "commands:"]
+    commands = {**LIGHTNING_COMMANDS, **{name: text for name, (_, text) in TOOLS.items()}}
+    width = max(map(len, commands))
+    lines += [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+    lines += ["", "`egrsd COMMAND --help` documents every option of a command."]
+    return "\n".join(lines)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point. Known configuration errors print one line (``EGRSD_DEBUG=1`` shows the traceback)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        sys.exit(0 if argv else 2)
     try:
-        build_cli(args)
+        if argv[0] in TOOLS:
+            module = importlib.import_module(TOOLS[argv[0]][0])
+            sys.exit(module.main(argv[1:]))
+        build_cli(argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
         if os.environ.get("EGRSD_DEBUG"):
             raise

@@ -46,7 +46,7 @@ import torch
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from egrsd_pl.datasets import load_problems
+from egrsd_pl.problem_sources import load_problems
 from egrsd_pl.problem import Problem
 from egrsd_pl.rewards import AnswerVerifier
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig

@@ -1,7 +1,7 @@
 """The LightningModule: a LoRA student, the same backbone with its adapter disabled as the teacher, one objective.
 
 ``training_step`` follows Algorithm 1 of the paper. Rollouts, rewards and packing (steps 1–2) were
-done by :class:`egrsd_pl.data.RolloutDataModule` right before the step; the tensor math of steps
+done by :class:`egrsd_pl.datamodule.RolloutDataModule` right before the step; the tensor math of steps
 5–11 lives in :mod:`egrsd_pl.losses`; the running reward statistics (steps 3 and 13) are owned by
 the forced :class:`callbacks.RewardStatistics` callback.
 """
@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from egrsd_pl.data import RolloutBatch
+from egrsd_pl.datamodule import RolloutBatch
 from egrsd_pl.losses import (
     OBJECTIVES,
     LossStats,

@@ -180,7 +180,7 @@ def test_hard_copy_makes_the_teacher_equal_the_student_only_at_multiples_of_k(ti
 def test_module_refuses_to_train_without_the_algorithm_callbacks(
     tiny_model_dir, tmp_path, teacher, callbacks, message
 ):
-    from egrsd_pl.data import RolloutDataModule
+    from egrsd_pl.datamodule import RolloutDataModule
     from egrsd_pl.module import EGRSDModule
 
     module = EGRSDModule(model_name_or_path=str(tiny_model_dir), teacher=teacher)

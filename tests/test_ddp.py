@@ -24,7 +24,7 @@ import lightning as L
 import pytest
 import torch
 
-from egrsd_pl.datasets import load_problems
+from egrsd_pl.problem_sources import load_problems
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
-from egrsd_pl.data import RolloutDataModule
+from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import Rollout

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from egrsd_pl.datasets import (
+from egrsd_pl.problem_sources import (
     DatasetError,
     filter_by_prompt_length,
     load_problems,
@@ -161,7 +161,7 @@ def test_skip_invalid_counts_and_reports(tmp_path, caplog):
         {**GOOD, "id": "e"},
     ]
     path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="egrsd_pl.datasets"):
+    with caplog.at_level(logging.WARNING, logger="egrsd_pl.problem_sources"):
         problems, report = load_problems_with_report(str(path), skip_invalid=True)
     assert [p.id for p in problems] == ["a", "e"]
     assert (report.rows_read, report.loaded) == (6, 2)
