@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from egrsd_pl.problem_sources import load_problems
 from egrsd_pl.problem import Problem
+from egrsd_pl.problem_sources import load_problems
 from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig

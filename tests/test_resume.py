@@ -221,7 +221,7 @@ def test_adapter_beside_the_checkpoint_loads_with_plain_peft_and_gives_the_modul
     module.policy.eval()
     with torch.no_grad():
         student_logits = module.policy(input_ids=input_ids).logits  # [1, 8, V]
-        with module.teacher_weights():
+        with module.teacher.weights():
             teacher_logits = module.policy(input_ids=input_ids).logits  # [1, 8, V]
     for subfolder, expected in (("", student_logits), ("teacher", teacher_logits)):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """The six training objectives behind one signature and one name switch (SPEC "The objectives").
 
-Every objective is ``loss(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)``;
+Every objective is ``loss(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)``;
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
 quantities, advantages). ``rlsd`` is the ``egrsd`` path with ``gamma = 0``, not a copy.
 """
@@ -19,14 +19,15 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_floor,
     check_gamma,
     check_ndim,
+    check_omega_floor,
     check_shape,
     check_window,
 )
 from egrsd_pl.losses.token_weights import (
     confidence_gate,
+    entropy_normaliser,
     likelihood_ratio_magnitude,
     masked_max,
     masked_mean,
@@ -42,7 +43,7 @@ EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the ra
 class ObjectiveInputs(NamedTuple):
     """Per-token tensors an objective reads; each objective names the ones it requires."""
 
-    student_logp: Tensor  # [B, T] log p_θ(y_t) with grad (sft: tokens of the reference solution)
+    student_logp: Tensor | None  # [B, T] log p_θ(y_t) with grad (sft: the reference solution); opsd: None
     mask: Tensor  # [B, T] bool
     advantages: Tensor | None = None  # [B] A_i: running statistics (rlsd/egrsd/cl_egrsd), group (grpo)
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
@@ -53,25 +54,53 @@ class ObjectiveInputs(NamedTuple):
 class LossStats(NamedTuple):
     """Detached 0-dim statistics of one loss evaluation; ``None`` where an objective has no such quantity.
 
-    Means, minima and maxima are over the masked tokens (0 when there are none).
+    Means, minima and maxima are over the masked tokens (0 when there are none); the module logs each
+    of them (``gate/*``, ``magnitude/*``, ``entropy/*``, ``kl/*``).
     """
 
-    num_tokens: Tensor | None = None  # Σ m
-    student_logp_mean: Tensor | None = None  # mean log p_θ(y_t)
     omega_mean: Tensor | None = None  # mean confidence gate ω
     omega_min: Tensor | None = None
     clip_frac_high: Tensor | None = None  # fraction of tokens with exp(D·δ) > 1 + ε
     clip_frac_low: Tensor | None = None  # fraction of tokens with exp(D·δ) < 1 - ε
-    magnitude_mean: Tensor | None = None  # mean w
-    logp_gap_mean: Tensor | None = None  # mean δ = log p_T(y_t) - log p_S(y_t)
     entropy_mean: Tensor | None = None  # mean raw teacher entropy
     entropy_max: Tensor | None = None  # local max of the raw teacher entropy (before any all-reduce)
-    token_adv_mean: Tensor | None = None  # mean Â
     kl_mean: Tensor | None = None  # mean KL(p_T || p_θ)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The statistics that are set, by field name."""
         return {name: value for name, value in self._asdict().items() if value is not None}
+
+
+class TokenQuantities(NamedTuple):
+    """Detached per-token quantities of one training step: ``outputs["token_quantities"]`` in callbacks.
+
+    Attributes:
+        mask: ``[B, T]`` bool completion mask.
+        teacher_entropy: ``[B, T]`` raw teacher entropy in nats, or ``None`` (objectives without it).
+        delta: ``[B, T]`` ``δ = log p_T(y_t) − log p_S(y_t)``, or ``None``.
+        entropy_max: 0-dim normaliser the gate actually divided by, ``max(H_max, 1 nat)`` after any
+            all-reduce (``--model.entropy_scope global``), or ``None`` when no gate reads it.
+    """
+
+    mask: Tensor
+    teacher_entropy: Tensor | None
+    delta: Tensor | None
+    entropy_max: Tensor | None
+
+
+def token_quantities(inputs: ObjectiveInputs, entropy_max: Tensor | None) -> TokenQuantities:
+    """The :class:`TokenQuantities` of one step's objective inputs (detached).
+
+    Args:
+        inputs: The objective's inputs of the step.
+        entropy_max: The raw entropy maximum the gate read (after any all-reduce), or ``None``.
+    """
+    delta = None
+    if inputs.teacher_logp is not None and inputs.student_logp is not None:
+        delta = (inputs.teacher_logp - inputs.student_logp).detach()  # [B, T]
+    entropy = inputs.teacher_entropy.detach() if inputs.teacher_entropy is not None else None  # [B, T]
+    normaliser = entropy_normaliser(entropy_max.detach()) if entropy_max is not None else None  # []
+    return TokenQuantities(inputs.mask, entropy, delta, normaliser)
 
 
 def egrsd_loss(
@@ -84,7 +113,7 @@ def egrsd_loss(
     gamma: float,
     window: int = 0,
     eps: float = 0.2,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """EGRSD (``window = 0``) and CL-EGRSD (``window > 0``) loss, Algorithm 1 steps 6-11.
@@ -101,7 +130,7 @@ def egrsd_loss(
         gamma: ``γ >= 0`` of the confidence gate.
         window: CL window ``W >= 0``; 0 is EGRSD.
         eps: Magnitude clip ``ε`` in ``(0, 1)``.
-        floor: Lower clip of ``ω``.
+        omega_floor: Lower clip of ``ω``.
         entropy_max: Already-reduced maximum of the raw masked entropies (e.g. across ranks), or
             ``None`` for this batch's; see :func:`~egrsd_pl.losses.confidence_gate`.
 
@@ -121,7 +150,7 @@ def egrsd_loss(
     )
 
     omega = confidence_gate(  # [B, T]
-        teacher_entropy, mask, gamma=gamma, window=window, floor=floor, entropy_max=entropy_max
+        teacher_entropy, mask, gamma=gamma, window=window, omega_floor=omega_floor, entropy_max=entropy_max
     )
     direction = torch.sign(advantages)  # [B] D_i
     magnitude = likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
@@ -132,17 +161,12 @@ def egrsd_loss(
         logp_gap = teacher_logp - student_logp.detach()  # [B, T] δ
         signed_log_ratio = direction[:, None] * logp_gap  # [B, T] D·δ
         stats = LossStats(
-            num_tokens=mask.sum(),
-            student_logp_mean=masked_mean(student_logp.detach(), mask),
             omega_mean=masked_mean(omega, mask),
             omega_min=masked_min(omega, mask),
             clip_frac_high=masked_mean((signed_log_ratio > math.log1p(eps)).float(), mask),
             clip_frac_low=masked_mean((signed_log_ratio < math.log1p(-eps)).float(), mask),
-            magnitude_mean=masked_mean(magnitude, mask),
-            logp_gap_mean=masked_mean(logp_gap, mask),
             entropy_mean=masked_mean(teacher_entropy, mask),
             entropy_max=masked_max(teacher_entropy, mask),
-            token_adv_mean=masked_mean(token_advantage, mask),
         )
     return loss, stats
 
@@ -155,20 +179,31 @@ def _require(inputs: ObjectiveInputs, field: str, objective: str) -> Tensor:
 
 
 # Every objective has this signature; hyperparameters it does not use are ignored.
-#   objective(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)
+#   objective(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)
 
 
 def sft_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
     """Cross-entropy on the reference solution: ``L = -masked_mean(log p_θ(s*_t))``."""
-    loss = -masked_mean(inputs.student_logp, inputs.mask)
-    stats = LossStats(num_tokens=inputs.mask.sum(), student_logp_mean=-loss.detach())
-    return loss, stats
+    loss = -masked_mean(_require(inputs, "student_logp", "sft"), inputs.mask)
+    return loss, LossStats()
 
 
 def grpo_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
     """On-policy GRPO: ``L = -(1 / Σ m) Σ m·A_i·log p_θ(y_t)`` with group-relative ``A_i``.
 
@@ -177,29 +212,25 @@ def grpo_objective(
     token-level normalised like the other objectives. No KL penalty to a reference model.
     """
     advantages = _require(inputs, "advantages", "grpo").detach()  # [B]
-    ones = torch.ones_like(inputs.student_logp.detach())  # [B, T] uniform magnitude, no gate
+    student_logp = _require(inputs, "student_logp", "grpo")  # [B, T]
+    ones = torch.ones_like(student_logp.detach())  # [B, T] uniform magnitude, no gate
     token_advantage = token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
-    loss = policy_gradient_loss(token_advantage, inputs.student_logp, inputs.mask)
-    stats = LossStats(
-        num_tokens=inputs.mask.sum(),
-        student_logp_mean=masked_mean(inputs.student_logp.detach(), inputs.mask),
-        token_adv_mean=masked_mean(token_advantage, inputs.mask),
-    )
-    return loss, stats
+    return policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
 def opsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
     """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
     kl = _require(inputs, "token_kl", "opsd")  # [B, T]
     loss = masked_mean(kl, inputs.mask)
-    stats = LossStats(
-        num_tokens=inputs.mask.sum(),
-        student_logp_mean=masked_mean(inputs.student_logp.detach(), inputs.mask),
-        kl_mean=loss.detach(),
-    )
-    return loss, stats
+    return loss, LossStats(kl_mean=loss.detach())
 
 
 def _entropy_gated_objective(
@@ -209,11 +240,11 @@ def _entropy_gated_objective(
     gamma: float,
     window: int,
     eps: float,
-    floor: float,
+    omega_floor: float,
     entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
     return egrsd_loss(
-        inputs.student_logp,
+        _require(inputs, "student_logp", objective),
         _require(inputs, "teacher_logp", objective),
         _require(inputs, "teacher_entropy", objective),
         _require(inputs, "advantages", objective),
@@ -221,40 +252,64 @@ def _entropy_gated_objective(
         gamma=gamma,
         window=window,
         eps=eps,
-        floor=floor,
+        omega_floor=omega_floor,
         entropy_max=entropy_max,
     )
 
 
 def rlsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
     """RLSD = the EGRSD path with ``gamma = 0`` and ``window = 0`` (``ω = 1``); ``gamma`` is ignored."""
     return _entropy_gated_objective(
-        inputs, "rlsd", gamma=0.0, window=0, eps=eps, floor=floor, entropy_max=None
+        inputs, "rlsd", gamma=0.0, window=0, eps=eps, omega_floor=omega_floor, entropy_max=None
     )
 
 
 def egrsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
-    """EGRSD: the gate uses the raw teacher entropy; requires ``window == 0``."""
-    if window != 0:
-        raise ValueError(f"window must be 0 for 'egrsd' (use 'cl_egrsd' for a window), got {window}")
+    """EGRSD: the gate uses the raw teacher entropy (``window`` is 0, checked by :func:`compute_objective`)."""
     return _entropy_gated_objective(
-        inputs, "egrsd", gamma=gamma, window=0, eps=eps, floor=floor, entropy_max=entropy_max
+        inputs, "egrsd", gamma=gamma, window=0, eps=eps, omega_floor=omega_floor, entropy_max=entropy_max
     )
 
 
 def cl_egrsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+    inputs: ObjectiveInputs,
+    *,
+    gamma: float,
+    window: int,
+    eps: float,
+    omega_floor: float,
+    entropy_max: EntropyMax,
 ) -> tuple[Tensor, LossStats]:
-    """CL-EGRSD: the gate uses the causal window minimum of the entropy; requires ``window > 0``."""
-    if window <= 0:
-        raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
+    """CL-EGRSD: the gate uses the causal window minimum of the entropy (``window > 0``, checked by
+    :func:`compute_objective`)."""
     return _entropy_gated_objective(
-        inputs, "cl_egrsd", gamma=gamma, window=window, eps=eps, floor=floor, entropy_max=entropy_max
+        inputs,
+        "cl_egrsd",
+        gamma=gamma,
+        window=window,
+        eps=eps,
+        omega_floor=omega_floor,
+        entropy_max=entropy_max,
     )
+
+
+TokenInputs = Literal["student_logprobs", "gated_teacher", "forward_kl"]
 
 
 @dataclass(frozen=True)
@@ -262,28 +317,39 @@ class ObjectiveSpec:
     """An objective and what the trainer must prepare for it.
 
     Attributes:
-        loss: ``loss(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)``.
+        loss: ``loss(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)``.
         uses_rollouts: False only for ``sft``, which trains on the reference solution.
-        teacher: Teacher quantity to compute: ``"token_stats"`` (:func:`teacher_token_stats`),
-            ``"kl"`` (:func:`token_kl`) or ``"none"``.
-        advantage: ``"running"`` (Welford baseline, computed by the module), ``"group"``
-            (:func:`group_relative_advantages`) or ``"none"``.
+        token_inputs: The per-token quantities of steps 4–5 it reads: ``student_logprobs``
+            (``log p_θ(y_t)`` only), ``gated_teacher`` (also the teacher's ``log p_T(y_t)`` and entropy,
+            :func:`teacher_token_stats`) or ``forward_kl`` (:func:`token_kl` only).
+        advantage: ``"running"`` (Welford baseline), ``"group"`` (:func:`group_relative_advantages`)
+            or ``"none"``.
+        gated: Whether the confidence gate reads the batch maximum of the teacher entropy (step 7).
     """
 
     loss: Callable[..., tuple[Tensor, LossStats]]
     uses_rollouts: bool
-    teacher: Literal["none", "token_stats", "kl"]
+    token_inputs: TokenInputs
     advantage: Literal["none", "running", "group"]
+    gated: bool = False
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "sft": ObjectiveSpec(sft_objective, uses_rollouts=False, teacher="none", advantage="none"),
-    "grpo": ObjectiveSpec(grpo_objective, uses_rollouts=True, teacher="none", advantage="group"),
-    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, teacher="kl", advantage="none"),
-    "rlsd": ObjectiveSpec(rlsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"),
-    "egrsd": ObjectiveSpec(egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"),
+    "sft": ObjectiveSpec(
+        sft_objective, uses_rollouts=False, token_inputs="student_logprobs", advantage="none"
+    ),
+    "grpo": ObjectiveSpec(
+        grpo_objective, uses_rollouts=True, token_inputs="student_logprobs", advantage="group"
+    ),
+    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, token_inputs="forward_kl", advantage="none"),
+    "rlsd": ObjectiveSpec(
+        rlsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running"
+    ),
+    "egrsd": ObjectiveSpec(
+        egrsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running", gated=True
+    ),
     "cl_egrsd": ObjectiveSpec(
-        cl_egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"
+        cl_egrsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running", gated=True
     ),
 }
 
@@ -295,13 +361,13 @@ def compute_objective(
     gamma: float = 0.3,
     window: int = 0,
     eps: float = 0.2,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """Look up the objective ``name`` in :data:`OBJECTIVES` and evaluate it.
 
     Hyperparameters an objective does not use are ignored (``rlsd`` ignores ``gamma``); all are
-    validated. ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
+    validated here, once. ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
 
     Returns:
         ``(loss, stats)``: 0-dim loss with gradient and detached :class:`LossStats`.
@@ -311,14 +377,20 @@ def compute_objective(
     check_gamma(gamma)
     check_window(window)
     check_eps(eps)
-    check_floor(floor)
+    check_omega_floor(omega_floor)
     check_entropy_max(entropy_max)
-    check_ndim(inputs.student_logp, 2, "inputs.student_logp")
-    check_bool_mask(inputs.mask, shape=tuple(inputs.student_logp.shape), name="inputs.mask")
-    if name not in ("egrsd", "cl_egrsd") and window != 0:
-        raise ValueError(f"window must be 0 for {name!r}, got {window}")
+    check_ndim(inputs.mask, 2, "inputs.mask")
+    check_bool_mask(inputs.mask, shape=tuple(inputs.mask.shape), name="inputs.mask")
+    if inputs.student_logp is not None:
+        check_shape(inputs.student_logp, tuple(inputs.mask.shape), "inputs.student_logp")
+    if name == "cl_egrsd" and window <= 0:
+        raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
+    if name != "cl_egrsd" and window != 0:
+        raise ValueError(f"window must be 0 for {name!r} (use 'cl_egrsd' for a window), got {window}")
     spec = OBJECTIVES[name]
-    return spec.loss(inputs, gamma=gamma, window=window, eps=eps, floor=floor, entropy_max=entropy_max)
+    return spec.loss(
+        inputs, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor, entropy_max=entropy_max
+    )
 
 
 def group_relative_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:

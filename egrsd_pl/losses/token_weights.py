@@ -14,9 +14,9 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_floor,
     check_gamma,
     check_ndim,
+    check_omega_floor,
     check_shape,
     check_window,
 )
@@ -84,6 +84,17 @@ def causal_window_min(values: Tensor, mask: Tensor, window: int) -> Tensor:
     return torch.where(mask, window_min, values)
 
 
+def entropy_normaliser(entropy_max: float | Tensor) -> Tensor:
+    """The denominator of SPEC step 7, ``max(H_max, 1 nat)``: 0-dim float tensor.
+
+    Args:
+        entropy_max: The already-reduced batch maximum of the raw masked teacher entropies.
+    """
+    check_entropy_max(entropy_max)
+    maximum = torch.as_tensor(entropy_max).reshape(())  # []
+    return (maximum if maximum.is_floating_point() else maximum.float()).clamp(min=ENTROPY_MAX_FLOOR_NATS)
+
+
 def normalize_entropy(
     teacher_entropy: Tensor, mask: Tensor, *, entropy_max: float | Tensor | None = None
 ) -> Tensor:
@@ -102,8 +113,8 @@ def normalize_entropy(
     check_entropy_max(entropy_max)
     if entropy_max is None:
         entropy_max = masked_max(teacher_entropy, mask)
-    denominator = torch.as_tensor(entropy_max, dtype=teacher_entropy.dtype, device=teacher_entropy.device)
-    return teacher_entropy / denominator.reshape(()).clamp(min=ENTROPY_MAX_FLOOR_NATS)
+    denominator = entropy_normaliser(entropy_max).to(teacher_entropy)  # []
+    return teacher_entropy / denominator
 
 
 def confidence_gate(
@@ -112,10 +123,10 @@ def confidence_gate(
     *,
     gamma: float,
     window: int = 0,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: float | Tensor | None = None,
 ) -> Tensor:
-    """Confidence gate ``ω = clip(1 - γ·Ĥ, floor, 1)`` (SPEC steps 6-8).
+    """Confidence gate ``ω = clip(1 - γ·Ĥ, omega_floor, 1)`` (SPEC steps 6-8).
 
     With ``window > 0`` (CL-EGRSD) the entropy is first replaced by its causal window minimum
     :func:`causal_window_min`, so a confident token a few steps ahead restores the weight of an
@@ -132,23 +143,23 @@ def confidence_gate(
         mask: ``[B, T]`` bool completion mask.
         gamma: ``γ >= 0``, strength of the entropy penalty.
         window: ``W >= 0``; 0 is EGRSD, ``> 0`` is CL-EGRSD.
-        floor: Lower clip of ``ω`` (0.1 in the paper).
+        omega_floor: Lower clip of ``ω`` (0.1 in the paper).
         entropy_max: Already-reduced maximum of the raw masked entropies, or ``None``.
 
     Returns:
-        ``[B, T]`` gate in ``[floor, 1]``; 1 at masked-out positions.
+        ``[B, T]`` gate in ``[omega_floor, 1]``; 1 at masked-out positions.
     """
     check_ndim(teacher_entropy, 2, "teacher_entropy")
     check_bool_mask(mask, shape=tuple(teacher_entropy.shape))
     check_gamma(gamma)
     check_window(window)
-    check_floor(floor)
+    check_omega_floor(omega_floor)
     check_entropy_max(entropy_max)
     if entropy_max is None:
         entropy_max = masked_max(teacher_entropy, mask)  # raw entropies (Decision above)
     gated_entropy = causal_window_min(teacher_entropy, mask, window)  # [B, T]
     normalized = normalize_entropy(gated_entropy, mask, entropy_max=entropy_max)  # [B, T]
-    omega = (1.0 - gamma * normalized).clamp(min=floor, max=1.0)  # [B, T]
+    omega = (1.0 - gamma * normalized).clamp(min=omega_floor, max=1.0)  # [B, T]
     return torch.where(mask, omega, torch.ones_like(omega))
 
 
