@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from egrsd_pl.problem import Problem
-from egrsd_pl.problem_sources import load_problems
+from egrsd_pl.problem_sources import filter_by_prompt_length, load_problems
 from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
@@ -236,9 +236,11 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        builder = self._prompt_builder()
-        kept = [p for p in self.problems if self._fits(builder, p)]
-        self.num_skipped_long = len(self.problems) - len(kept)
+        builder, hp = self._prompt_builder(), self.hparams
+        lengths = [len(builder.teacher_prompt_ids(p.problem, p.solution)) for p in self.problems]
+        kept, self.num_skipped_long = filter_by_prompt_length(
+            self.problems, lengths, max_prompt_tokens=hp.max_length - hp.max_new_tokens
+        )
         if self.num_skipped_long:
             log.warning(
                 "skipped %d of %d problems whose teacher prompt + %d new tokens exceed --data.max_length %d",
@@ -275,10 +277,6 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
         return DataLoader(cast(Dataset[int], [0]), batch_size=1)
-
-    def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
-        length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))
-        return length + self.hparams.max_new_tokens <= self.hparams.max_length
 
     def _prompt_builder(self) -> PromptBuilder:
         module = self.trainer.lightning_module if self.trainer else None
