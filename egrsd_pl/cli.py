@@ -5,7 +5,7 @@ A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
 lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part of the algorithm
 (reward statistics, teacher schedule) and the pre-clip grad-norm monitor are always installed; their
 options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; checkpointing
-(``--checkpoint.*``) and avg@K evaluation (``--evaluation.*``, what ``validate`` runs) are always
+(``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what ``validate`` runs) are always
 there too.
 """
 
@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpoint import AdapterCheckpoint
 from callbacks.evaluation import PeriodicEvaluation
+from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
@@ -48,6 +49,7 @@ class EGRSDCLI(LightningCLI):
         parser.add_lightning_class_args(TeacherUpdate, "teacher")
         parser.link_arguments("teacher.schedule", "model.teacher")  # one knob: --teacher.schedule
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")  # SIGTERM / Ctrl-C: step, save, stop
         # avg@K evaluation: always there for `validate`; during `fit` only when --evaluation.every_n_steps > 0
         # or --evaluation.at_end true.
         parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")

@@ -6,6 +6,7 @@ The same callbacks on the tiny Qwen3 through the real CLI are in ``test_resume.p
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -14,12 +15,15 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.checkpoint import AdapterCheckpoint, adapter_dir, restore_rng_states, rng_states
+from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, checkpoint_damage
 from egrsd_pl.teacher import Teacher
 
 # ---------------------------------------------------------------- teacher schedule
@@ -406,7 +410,7 @@ def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(
             signal_at = _SendSignal(
                 signum, at_batch=accumulate
             )  # micro-batch 1 (no accumulation) or 2 (of 2)
-            _trainer(tmp_path / "b", [checkpoint, signal_at], **options).fit(first)
+            _trainer(tmp_path / "b", [checkpoint, GracefulStop(), signal_at], **options).fit(first)
         assert stopped.value.code == exit_code  # SIGTERM: Lightning's SIGTERMException; Ctrl-C: exit 1
         saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
         assert saved["global_step"] == 2  # step 2 finished before stopping
@@ -420,3 +424,61 @@ def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(
         assert torch.equal(resumed.w, straight.w)
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- atomic checkpoint files
+
+
+class _KilledMidWrite(TorchCheckpointIO):
+    """Writes the first half of the checkpoint's bytes, then dies (as a process killed mid-write would)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise KeyboardInterrupt
+
+
+def test_a_write_killed_midway_leaves_the_previous_last_checkpoint_whole(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4}, target)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO(_KilledMidWrite()).save_checkpoint(
+            {"global_step": 6, "big": torch.zeros(10_000)}, target
+        )
+    assert checkpoint_damage(target) is None
+    assert torch.load(target, weights_only=True) == {"global_step": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Checkpoint directory .* exists and is not empty"
+)  # the resume, on purpose
+def test_truncated_last_checkpoint_names_the_newest_intact_one_and_resuming_from_it_is_exact(tmp_path):
+    straight = _Linear([1.0, -2.0])
+    _trainer(tmp_path / "a", [], enable_checkpointing=False, max_steps=6).fit(straight)
+
+    folder = tmp_path / "b"
+    first = _Linear([1.0, -2.0])
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    _trainer(folder, [checkpoint], max_steps=4).fit(first)
+    last = folder / "last.ckpt"
+    intact = folder / "epoch=0-step=4.ckpt"
+    os.utime(intact, (last.stat().st_mtime + 1,) * 2)  # newest on disk, whatever the clock's resolution
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a half-written file
+    assert checkpoint_damage(last) is not None and checkpoint_damage(intact) is None
+
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    with pytest.raises(DamagedCheckpointError) as error:
+        _trainer(folder, [checkpoint], max_steps=6).fit(_Linear([1.0, -2.0]), ckpt_path=str(last))
+    message = str(error.value)
+    assert (
+        "\n" not in message
+        and str(last) in message
+        and f"the newest intact checkpoint there is {str(intact)!r}" in message
+    )
+
+    resumed = _Linear([1.0, -2.0])
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    _trainer(folder, [checkpoint], max_steps=6).fit(resumed, ckpt_path=str(intact))
+    assert torch.equal(resumed.w, straight.w)  # 4 + 2 steps equal 6 straight steps, AdamW moments included
