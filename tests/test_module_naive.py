@@ -10,18 +10,19 @@ and ``log_softmax``, and computes each objective's loss from SPEC.md's formulas 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from egrsd_pl.datamodule import RolloutBatch
+from egrsd_pl.datamodule import RolloutBatch, RolloutDataModule
 from egrsd_pl.losses import OBJECTIVES
 from egrsd_pl.module import EGRSDModule
+from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import load_problems
-from egrsd_pl.prompts import pack_completions
-from egrsd_pl.rollout.base import Rollout
+from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from egrsd_pl.stats import RunningRewardStats
 
 TOLERANCE = 1e-5
@@ -51,40 +52,34 @@ def make_module(model_dir: Path, objective: str) -> EGRSDModule:
     return module
 
 
+class FixedCompletions(RolloutEngine):
+    """Returns :data:`COMPLETIONS` (then ``<|im_end|>``) for the prompts, in order."""
+
+    def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        eos = self.tokenizer.eos_token_id
+        return [
+            Rollout(i, (*self.tokenizer.encode(text, add_special_tokens=False), eos), text, truncated=False)
+            for i, text in zip(range(len(prompt_ids)), COMPLETIONS, strict=True)
+        ]
+
+
+class FixedRewards(RolloutDataModule):
+    """Scores the rollouts with :data:`REWARDS` (the tiny model's answers are not what is tested here)."""
+
+    def score(
+        self, problems: Sequence[Problem], rollouts: Sequence[Rollout]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = torch.tensor(REWARDS[: len(rollouts)])
+        return rewards, rewards > 0
+
+
 def make_batch(module: EGRSDModule) -> RolloutBatch:
-    builder, tokenizer = module.prompt_builder, module.tokenizer
-    assert builder is not None
-    problems = load_problems("synthetic:3")
-    student_prompts = [builder.student_prompt_ids(p.problem) for p in problems]
-    pad_id = tokenizer.pad_token_id
-    if not module.objective_spec.uses_rollouts:
-        targets = [builder.sft_target_ids(p.solution) for p in problems]
-        return RolloutBatch(
-            problems=problems,
-            rollouts=[],
-            rewards=torch.zeros(0),
-            correct=torch.zeros(0, dtype=torch.bool),
-            group_ids=torch.zeros(0, dtype=torch.long),
-            student=pack_completions(student_prompts, targets, pad_id=pad_id),
-            teacher=None,
-        )
-    completions = [
-        tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id] for text in COMPLETIONS
-    ]
-    rollouts = [
-        Rollout(prompt_index=i, completion_ids=tuple(ids), text=text, truncated=False)
-        for i, (ids, text) in enumerate(zip(completions, COMPLETIONS, strict=True))
-    ]
-    teacher_prompts = [builder.teacher_prompt_ids(p.problem, p.solution) for p in problems]
-    return RolloutBatch(
-        problems=problems,
-        rollouts=rollouts,
-        rewards=torch.tensor(REWARDS),
-        correct=torch.tensor([r > 0 for r in REWARDS]),
-        group_ids=torch.arange(3),
-        student=pack_completions(student_prompts, completions, pad_id=pad_id),
-        teacher=pack_completions(teacher_prompts, completions, pad_id=pad_id),
-    )
+    """The DataModule's own packing of 3 problems with the fixed completions (sft: reference solutions)."""
+    data = FixedRewards("synthetic:3", batch_size=3, engine=FixedCompletions())
+    return data.make_batch(load_problems("synthetic:3"), module, step=0, seed=0)
 
 
 def naive_log_probs(model: Any, packed: Any) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """The six training objectives behind one signature and one name switch (SPEC "The objectives").
 
-Every objective is ``loss(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)``;
+Every objective is ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`);
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
 quantities, advantages). ``rlsd`` is the ``egrsd`` path with ``gamma = 0``, not a copy.
 """
@@ -178,33 +178,24 @@ def _require(inputs: ObjectiveInputs, field: str, objective: str) -> Tensor:
     return value
 
 
-# Every objective has this signature; hyperparameters it does not use are ignored.
-#   objective(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)
+class ObjectiveSettings(NamedTuple):
+    """The hyperparameters every objective receives (validated by :func:`compute_objective`); each reads
+    the ones it uses: ``objective(inputs, settings) -> (loss, stats)``."""
+
+    gamma: float = 0.3  # γ of the confidence gate
+    window: int = 0  # CL look-ahead W (cl_egrsd only)
+    eps: float = 0.2  # magnitude clip ε
+    omega_floor: float = 0.1  # lower clip of ω
+    entropy_max: EntropyMax = None  # already-reduced raw entropy maximum, or None for this batch's
 
 
-def sft_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def sft_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """Cross-entropy on the reference solution: ``L = -masked_mean(log p_θ(s*_t))``."""
     loss = -masked_mean(_require(inputs, "student_logp", "sft"), inputs.mask)
     return loss, LossStats()
 
 
-def grpo_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def grpo_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """On-policy GRPO: ``L = -(1 / Σ m) Σ m·A_i·log p_θ(y_t)`` with group-relative ``A_i``.
 
     Decision (ours): one optimizer update per batch of fresh rollouts, so the PPO importance
@@ -218,15 +209,7 @@ def grpo_objective(
     return policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
-def opsd_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def opsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
     kl = _require(inputs, "token_kl", "opsd")  # [B, T]
     loss = masked_mean(kl, inputs.mask)
@@ -234,14 +217,7 @@ def opsd_objective(
 
 
 def _entropy_gated_objective(
-    inputs: ObjectiveInputs,
-    objective: str,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
+    inputs: ObjectiveInputs, objective: str, settings: ObjectiveSettings
 ) -> tuple[Tensor, LossStats]:
     return egrsd_loss(
         _require(inputs, "student_logp", objective),
@@ -249,64 +225,28 @@ def _entropy_gated_objective(
         _require(inputs, "teacher_entropy", objective),
         _require(inputs, "advantages", objective),
         inputs.mask,
-        gamma=gamma,
-        window=window,
-        eps=eps,
-        omega_floor=omega_floor,
-        entropy_max=entropy_max,
+        gamma=settings.gamma,
+        window=settings.window,
+        eps=settings.eps,
+        omega_floor=settings.omega_floor,
+        entropy_max=settings.entropy_max,
     )
 
 
-def rlsd_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def rlsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """RLSD = the EGRSD path with ``gamma = 0`` and ``window = 0`` (``ω = 1``); ``gamma`` is ignored."""
-    return _entropy_gated_objective(
-        inputs, "rlsd", gamma=0.0, window=0, eps=eps, omega_floor=omega_floor, entropy_max=None
-    )
+    return _entropy_gated_objective(inputs, "rlsd", settings._replace(gamma=0.0, window=0, entropy_max=None))
 
 
-def egrsd_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def egrsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """EGRSD: the gate uses the raw teacher entropy (``window`` is 0, checked by :func:`compute_objective`)."""
-    return _entropy_gated_objective(
-        inputs, "egrsd", gamma=gamma, window=0, eps=eps, omega_floor=omega_floor, entropy_max=entropy_max
-    )
+    return _entropy_gated_objective(inputs, "egrsd", settings)
 
 
-def cl_egrsd_objective(
-    inputs: ObjectiveInputs,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    omega_floor: float,
-    entropy_max: EntropyMax,
-) -> tuple[Tensor, LossStats]:
+def cl_egrsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """CL-EGRSD: the gate uses the causal window minimum of the entropy (``window > 0``, checked by
     :func:`compute_objective`)."""
-    return _entropy_gated_objective(
-        inputs,
-        "cl_egrsd",
-        gamma=gamma,
-        window=window,
-        eps=eps,
-        omega_floor=omega_floor,
-        entropy_max=entropy_max,
-    )
+    return _entropy_gated_objective(inputs, "cl_egrsd", settings)
 
 
 TokenInputs = Literal["student_logprobs", "gated_teacher", "forward_kl"]
@@ -317,7 +257,7 @@ class ObjectiveSpec:
     """An objective and what the trainer must prepare for it.
 
     Attributes:
-        loss: ``loss(inputs, *, gamma, window, eps, omega_floor, entropy_max) -> (loss, stats)``.
+        loss: ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`).
         uses_rollouts: False only for ``sft``, which trains on the reference solution.
         token_inputs: The per-token quantities of steps 4–5 it reads: ``student_logprobs``
             (``log p_θ(y_t)`` only), ``gated_teacher`` (also the teacher's ``log p_T(y_t)`` and entropy,
@@ -388,9 +328,7 @@ def compute_objective(
     if name != "cl_egrsd" and window != 0:
         raise ValueError(f"window must be 0 for {name!r} (use 'cl_egrsd' for a window), got {window}")
     spec = OBJECTIVES[name]
-    return spec.loss(
-        inputs, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor, entropy_max=entropy_max
-    )
+    return spec.loss(inputs, ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max))
 
 
 def group_relative_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
