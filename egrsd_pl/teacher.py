@@ -11,9 +11,10 @@ after optimizer steps, as Lightning's ``WeightAveraging`` drives its average; th
 the backbone under :meth:`Teacher.weights`.
 
 Decision (SPEC "Teacher update schedules"): ``ema`` averages the LoRA factors ``A`` and ``B``
-separately. ``EMA(B)·EMA(A)`` is not ``EMA(BA)``, but the teacher then stays a rank-``r`` LoRA
-adapter on the shared backbone (no second copy of the weights, loadable by PEFT and vLLM); the
-difference is second order in ``1 − α`` (0.01 per step at the paper's ``α``).
+separately. ``EMA(B)·EMA(A)`` is not ``EMA(BA)``: one update differs from it by
+``−α(1 − α)(B_T − B_S)(A_T − A_S)``, small while teacher and student stay close. In exchange the teacher
+stays a rank-``r`` LoRA adapter on the shared backbone (no second copy of the weights, exported and
+loaded like the student's), whereas an exact average of ``BA`` would need a full-rank delta per layer.
 """
 
 from __future__ import annotations
