@@ -26,18 +26,18 @@ from egrsd_pl.losses._checks import (
     check_window,
 )
 from egrsd_pl.losses.token_weights import (
-    confidence_gate,
-    entropy_normaliser,
-    likelihood_ratio_magnitude,
-    masked_max,
-    masked_mean,
-    masked_min,
-    policy_gradient_loss,
-    token_advantages,
+    EntropyMax,
+    _confidence_gate,
+    _entropy_normaliser,
+    _likelihood_ratio_magnitude,
+    _masked_max,
+    _masked_mean,
+    _masked_min,
+    _policy_gradient_loss,
+    _token_advantages,
 )
 
 ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd"]
-EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 
 
 class ObjectiveInputs(NamedTuple):
@@ -99,8 +99,19 @@ def token_quantities(inputs: ObjectiveInputs, entropy_max: Tensor | None) -> Tok
     if inputs.teacher_logp is not None and inputs.student_logp is not None:
         delta = (inputs.teacher_logp - inputs.student_logp).detach()  # [B, T]
     entropy = inputs.teacher_entropy.detach() if inputs.teacher_entropy is not None else None  # [B, T]
-    normaliser = entropy_normaliser(entropy_max.detach()) if entropy_max is not None else None  # []
+    normaliser = _entropy_normaliser(entropy_max.detach()) if entropy_max is not None else None  # []
     return TokenQuantities(inputs.mask, entropy, delta, normaliser)
+
+
+class ObjectiveSettings(NamedTuple):
+    """The hyperparameters every objective receives (validated by :func:`compute_objective`); each reads
+    the ones it uses: ``objective(inputs, settings) -> (loss, stats)``."""
+
+    gamma: float = 0.3  # γ of the confidence gate
+    window: int = 0  # CL look-ahead W (cl_egrsd only)
+    eps: float = 0.2  # magnitude clip ε
+    omega_floor: float = 0.1  # lower clip of ω
+    entropy_max: EntropyMax = None  # already-reduced raw entropy maximum, or None for this batch's
 
 
 def egrsd_loss(
@@ -143,30 +154,44 @@ def egrsd_loss(
     check_shape(teacher_entropy, shape, "teacher_entropy")
     check_shape(advantages, shape[:1], "advantages")
     check_bool_mask(mask, shape=shape)
+    settings = ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max)
+    _check_settings(settings)
+    return _egrsd_loss(student_logp, teacher_logp, teacher_entropy, advantages, mask, settings)
+
+
+def _egrsd_loss(
+    student_logp: Tensor,
+    teacher_logp: Tensor,
+    teacher_entropy: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    settings: ObjectiveSettings,
+) -> tuple[Tensor, LossStats]:
+    gamma, window, eps, omega_floor, entropy_max = settings
     teacher_logp, teacher_entropy, advantages = (
         teacher_logp.detach(),
         teacher_entropy.detach(),
         advantages.detach(),
     )
 
-    omega = confidence_gate(  # [B, T]
+    omega = _confidence_gate(  # [B, T]
         teacher_entropy, mask, gamma=gamma, window=window, omega_floor=omega_floor, entropy_max=entropy_max
     )
     direction = torch.sign(advantages)  # [B] D_i
-    magnitude = likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
-    token_advantage = token_advantages(advantages, magnitude, omega, mask)  # [B, T]
-    loss = policy_gradient_loss(token_advantage, student_logp, mask)
+    magnitude = _likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
+    token_advantage = _token_advantages(advantages, magnitude, omega, mask)  # [B, T]
+    loss = _policy_gradient_loss(token_advantage, student_logp, mask)
 
     with torch.no_grad():
         logp_gap = teacher_logp - student_logp.detach()  # [B, T] δ
         signed_log_ratio = direction[:, None] * logp_gap  # [B, T] D·δ
         stats = LossStats(
-            omega_mean=masked_mean(omega, mask),
-            omega_min=masked_min(omega, mask),
-            clip_frac_high=masked_mean((signed_log_ratio > math.log1p(eps)).float(), mask),
-            clip_frac_low=masked_mean((signed_log_ratio < math.log1p(-eps)).float(), mask),
-            entropy_mean=masked_mean(teacher_entropy, mask),
-            entropy_max=masked_max(teacher_entropy, mask),
+            omega_mean=_masked_mean(omega, mask),
+            omega_min=_masked_min(omega, mask),
+            clip_frac_high=_masked_mean((signed_log_ratio > math.log1p(eps)).float(), mask),
+            clip_frac_low=_masked_mean((signed_log_ratio < math.log1p(-eps)).float(), mask),
+            entropy_mean=_masked_mean(teacher_entropy, mask),
+            entropy_max=_masked_max(teacher_entropy, mask),
         )
     return loss, stats
 
@@ -178,20 +203,9 @@ def _require(inputs: ObjectiveInputs, field: str, objective: str) -> Tensor:
     return value
 
 
-class ObjectiveSettings(NamedTuple):
-    """The hyperparameters every objective receives (validated by :func:`compute_objective`); each reads
-    the ones it uses: ``objective(inputs, settings) -> (loss, stats)``."""
-
-    gamma: float = 0.3  # γ of the confidence gate
-    window: int = 0  # CL look-ahead W (cl_egrsd only)
-    eps: float = 0.2  # magnitude clip ε
-    omega_floor: float = 0.1  # lower clip of ω
-    entropy_max: EntropyMax = None  # already-reduced raw entropy maximum, or None for this batch's
-
-
 def sft_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """Cross-entropy on the reference solution: ``L = -masked_mean(log p_θ(s*_t))``."""
-    loss = -masked_mean(_require(inputs, "student_logp", "sft"), inputs.mask)
+    loss = -_masked_mean(_require(inputs, "student_logp", "sft"), inputs.mask)
     return loss, LossStats()
 
 
@@ -205,31 +219,27 @@ def grpo_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tupl
     advantages = _require(inputs, "advantages", "grpo").detach()  # [B]
     student_logp = _require(inputs, "student_logp", "grpo")  # [B, T]
     ones = torch.ones_like(student_logp.detach())  # [B, T] uniform magnitude, no gate
-    token_advantage = token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
-    return policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
+    token_advantage = _token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
+    return _policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
 def opsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
     kl = _require(inputs, "token_kl", "opsd")  # [B, T]
-    loss = masked_mean(kl, inputs.mask)
+    loss = _masked_mean(kl, inputs.mask)
     return loss, LossStats(kl_mean=loss.detach())
 
 
 def _entropy_gated_objective(
     inputs: ObjectiveInputs, objective: str, settings: ObjectiveSettings
 ) -> tuple[Tensor, LossStats]:
-    return egrsd_loss(
+    return _egrsd_loss(
         _require(inputs, "student_logp", objective),
         _require(inputs, "teacher_logp", objective),
         _require(inputs, "teacher_entropy", objective),
         _require(inputs, "advantages", objective),
         inputs.mask,
-        gamma=settings.gamma,
-        window=settings.window,
-        eps=settings.eps,
-        omega_floor=settings.omega_floor,
-        entropy_max=settings.entropy_max,
+        settings,
     )
 
 
@@ -307,28 +317,37 @@ def compute_objective(
     """Look up the objective ``name`` in :data:`OBJECTIVES` and evaluate it.
 
     Hyperparameters an objective does not use are ignored (``rlsd`` ignores ``gamma``); all are
-    validated here, once. ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
+    validated here, once, with the shapes of the inputs; the objectives then run unchecked kernels.
+    ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
 
     Returns:
         ``(loss, stats)``: 0-dim loss with gradient and detached :class:`LossStats`.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"name must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    check_gamma(gamma)
-    check_window(window)
-    check_eps(eps)
-    check_omega_floor(omega_floor)
-    check_entropy_max(entropy_max)
+    settings = ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max)
+    _check_settings(settings)
     check_ndim(inputs.mask, 2, "inputs.mask")
     check_bool_mask(inputs.mask, shape=tuple(inputs.mask.shape), name="inputs.mask")
-    if inputs.student_logp is not None:
-        check_shape(inputs.student_logp, tuple(inputs.mask.shape), "inputs.student_logp")
+    for field in ("student_logp", "teacher_logp", "teacher_entropy", "token_kl"):
+        if (value := getattr(inputs, field)) is not None:
+            check_shape(value, tuple(inputs.mask.shape), f"inputs.{field}")
+    if inputs.advantages is not None:
+        check_shape(inputs.advantages, tuple(inputs.mask.shape[:1]), "inputs.advantages")
     if name == "cl_egrsd" and window <= 0:
         raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
     if name != "cl_egrsd" and window != 0:
         raise ValueError(f"window must be 0 for {name!r} (use 'cl_egrsd' for a window), got {window}")
     spec = OBJECTIVES[name]
-    return spec.loss(inputs, ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max))
+    return spec.loss(inputs, settings)
+
+
+def _check_settings(settings: ObjectiveSettings) -> None:
+    check_gamma(settings.gamma)
+    check_window(settings.window)
+    check_eps(settings.eps)
+    check_omega_floor(settings.omega_floor)
+    check_entropy_max(settings.entropy_max)
 
 
 def group_relative_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
