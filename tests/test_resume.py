@@ -262,7 +262,8 @@ def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, 
     assert (stats["stats"]["steps"], stats["stats"]["count"]) == (4, 12)
     assert stats["stats"]["mean"] > 0 and stats["stats"]["m2"] > 0  # σ_r > 0: the statistics were used
     teacher = next(c for c in straight.trainer.callbacks if isinstance(c, TeacherUpdate))
-    assert teacher.num_updates == 4  # once per optimizer step, not per micro-batch
+    assert teacher.teacher is straight.model.teacher  # the callback drives the module's teacher
+    assert straight.model.teacher.num_updates == 4  # once per optimizer step, not per micro-batch
 
 
 VLLM_PROMPT_LOGPROBS = """
