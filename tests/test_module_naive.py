@@ -46,7 +46,7 @@ def make_module(model_dir: Path, objective: str) -> EGRSDModule:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA B starts at 0 (student = teacher); make the adapter matter
         for name, param in module.policy.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name and ".default." in name:  # the student's; a teacher adapter stays the base
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     module.reward_statistics = RunningRewardStats()  # what callbacks.RewardStatistics hands over
     return module
