@@ -102,9 +102,16 @@ class TeacherProbe(L.Callback):
         self.teacher_is_student: dict[int, bool] = {}
         self.teacher_is_base: dict[int, bool] = {}
         self.teachers: dict[int, dict[str, torch.Tensor]] = {}
+        self.teacher_inputs: list[tuple[list[int], list[int]]] = []  # (packed row, concise prompt + rollout)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        for row, rollout in enumerate(batch.rollouts):
+            problem = batch.problems[rollout.prompt_index].problem
+            expected = pl_module.prompt_builder.concise_teacher_prompt_ids(problem) + list(
+                rollout.completion_ids
+            )
+            self.teacher_inputs.append((batch.teacher.input_ids[row, : len(expected)].tolist(), expected))
         student, teacher = pl_module.adapter_parameters("default"), pl_module.adapter_parameters("teacher")
         self.teacher_is_student[step] = all(torch.equal(teacher[k], student[k]) for k in student)
         self.teachers[step] = {k: v.detach().clone() for k, v in teacher.items()}
@@ -139,6 +146,10 @@ def test_crisp_teacher_is_the_base_until_the_first_refresh_then_a_copy_every_m_s
             assert all(torch.equal(probe.teachers[later][k], v) for k, v in probe.teachers[refresh].items())
     assert not all(torch.equal(probe.teachers[6][k], v) for k, v in probe.teachers[3].items())
     assert float(trainer.callback_metrics["teacher/num_updates"]) == 3
+    # The teacher read CRISP's prompt (instruction + the student's prompt, no solution) + the rollout's ids.
+    assert len(probe.teacher_inputs) == 9 * 8 and all(
+        row == expected for row, expected in probe.teacher_inputs
+    )
     assert torch.isfinite(trainer.callback_metrics["kl/mean"])
 
 
