@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from egrsd_pl.losses import ObjectiveSpec
 from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import filter_by_prompt_length, load_problems
-from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
+from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from egrsd_pl.rollout.hf import HFGenerateEngine
@@ -40,7 +41,8 @@ class RolloutBatch:
         correct: ``[N]`` bool verification results.
         group_ids: ``[N]`` long index of each rollout's problem in the batch (GRPO groups).
         student: Student prompt + completion, packed (``sft``: + reference solution).
-        teacher: Privileged teacher prompt + the same completion ids (``None`` for ``sft``).
+        teacher: Teacher prompt (privileged, or CRISP's concise one) + the same completion ids
+            (``None`` for ``sft``).
         rollout_seconds: Wall time spent generating.
     """
 
@@ -157,6 +159,9 @@ class RolloutDataModule(L.LightningDataModule):
         verify_workers: Processes verifying answers in parallel (math-verify runs out of process so its
             time limits hold in any thread).
         verify_timeout_s: Seconds one answer may take before it is scored wrong (and counted).
+        crisp_instruction: The conciseness instruction of CRISP's teacher (``--model.objective crisp``
+            only), prepended to the student's prompt as a system turn; the default is our own wording of
+            CRISP's intent (see README to paste the authors' text).
     """
 
     if TYPE_CHECKING:
@@ -185,8 +190,11 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
         verify_workers: int = 1,
         verify_timeout_s: float = 5.0,
+        crisp_instruction: str = DEFAULT_CONCISE_INSTRUCTION,
     ) -> None:
         super().__init__()
+        if not crisp_instruction.strip():
+            raise ValueError("--data.crisp_instruction must be a non-empty instruction")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
         if length_beta < 0:
@@ -237,7 +245,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         builder, hp = self._prompt_builder(), self.hparams
-        lengths = [len(builder.teacher_prompt_ids(p.problem, p.solution)) for p in self.problems]
+        spec: ObjectiveSpec = self._module().objective_spec
+        lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
         kept, self.num_skipped_long = filter_by_prompt_length(
             self.problems, lengths, max_prompt_tokens=hp.max_length - hp.max_new_tokens
         )
@@ -278,9 +287,17 @@ class RolloutDataModule(L.LightningDataModule):
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
         return DataLoader(cast(Dataset[int], [0]), batch_size=1)
 
+    def teacher_prompt_ids(self, builder: PromptBuilder, spec: ObjectiveSpec, problem: Problem) -> list[int]:
+        """The objective's teacher prompt: CRISP's concise one, or problem + reference solution."""
+        if spec.teacher_prompt == "concise":
+            return builder.concise_teacher_prompt_ids(problem.problem, self.hparams.crisp_instruction)
+        return builder.teacher_prompt_ids(problem.problem, problem.solution)
+
+    def _module(self) -> Any:
+        return self.trainer.lightning_module if self.trainer else None
+
     def _prompt_builder(self) -> PromptBuilder:
-        module = self.trainer.lightning_module if self.trainer else None
-        builder = getattr(module, "prompt_builder", None)
+        builder = getattr(self._module(), "prompt_builder", None)
         if builder is None:
             raise RuntimeError("RolloutDataModule needs a module with a `prompt_builder` (EGRSDModule)")
         return builder
@@ -328,7 +345,7 @@ class RolloutDataModule(L.LightningDataModule):
         rewards, correct = self.score(problems, rollouts)
         completions = [list(r.completion_ids) for r in rollouts]
         owners = [problems[r.prompt_index] for r in rollouts]
-        teacher_prompts = [builder.teacher_prompt_ids(p.problem, p.solution) for p in owners]
+        teacher_prompts = [self.teacher_prompt_ids(builder, module.objective_spec, p) for p in owners]
         return RolloutBatch(
             problems=list(problems),
             rollouts=rollouts,

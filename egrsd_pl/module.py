@@ -9,7 +9,6 @@ driven after each optimizer step by their callbacks); the backbone is loaded by 
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,9 +41,8 @@ from egrsd_pl.teacher import Teacher, TeacherSchedule, lora_parameters
 
 __all__ = ["EGRSDModule", "ModelPathError", "TokenQuantities", "resolve_model_path", "token_quantities"]
 
-log = logging.getLogger(__name__)
-
 EntropyScope = Literal["device", "global"]
+InputBuilder = Callable[[RolloutBatch, Tensor | None], ObjectiveInputs]  # (batch, advantages) -> inputs
 EXTREMES = {"entropy/max": "max", "gate/omega_min": "min"}  # logged metrics reduced by max / min over ranks
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,7 +53,7 @@ class EGRSDModule(L.LightningModule):
     Args:
         model_name_or_path: Base model: a local HF folder, a hub id (``Qwen/Qwen3-4B``) or
             ``testbed:tiny`` (the offline tiny Qwen3, built and cached on first use).
-        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd`` or ``cl_egrsd`` (SPEC.md table).
+        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd`` or ``crisp`` (SPEC.md).
         gamma: Confidence-gate strength ``γ`` (paper: 0.3; 1.0 for CL-EGRSD on 8B). Ignored by
             ``rlsd``, which is ``egrsd`` at ``γ = 0``.
         window: Causal look-ahead ``W`` of ``cl_egrsd`` (paper: 3 on 4B, 5 on 8B); must be 0 for
@@ -116,7 +114,7 @@ class EGRSDModule(L.LightningModule):
         log_text_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
-        _validate(objective=objective, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor)
+        _validate(objective, teacher, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor)
         if lora_rank < 1:
             raise ValueError(f"--model.lora_rank must be >= 1, got {lora_rank}")
         if learning_rate <= 0:
@@ -234,14 +232,12 @@ class EGRSDModule(L.LightningModule):
         self.log_training_step(batch, loss, stats, advantages, quantities)
         return {"loss": loss, "token_quantities": quantities}
 
-    def token_input_builders(
-        self,
-    ) -> dict[TokenInputs, Callable[[RolloutBatch, Tensor | None], ObjectiveInputs]]:
+    def token_input_builders(self) -> dict[TokenInputs, InputBuilder]:
         """One small method per kind of objective input (:attr:`ObjectiveSpec.token_inputs`)."""
         return {
             "student_logprobs": self.student_logprob_inputs,
             "gated_teacher": self.gated_teacher_inputs,
-            "forward_kl": self.forward_kl_inputs,
+            "token_kl": self.token_kl_inputs,
         }
 
     def student_logprob_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
@@ -268,13 +264,14 @@ class EGRSDModule(L.LightningModule):
             teacher_entropy=teacher_entropy,
         )
 
-    def forward_kl_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
-        """``opsd``: per-token ``KL(p_T ‖ p_θ)`` over the full vocabulary (steps 4–5 in one projection)."""
+    def token_kl_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
+        """``opsd``: per-token ``KL(p_T ‖ p_θ)``; ``crisp``: ``KL(p_θ ‖ p_T)`` (steps 4–5 in one projection)."""
         student = batch.student
         kl = token_kl(
             self.completion_hidden(student),
             self.teacher_hidden(batch),
             self.head_weight(),
+            direction=self.objective_spec.kl_direction,
             chunk_size=self.hparams.logit_chunk_size,
             mask=student.completion_mask,
         )  # [N, T] with grad
@@ -431,9 +428,13 @@ class EGRSDModule(L.LightningModule):
         experiment.add_text("rollout/sample", text, self.global_step)
 
 
-def _validate(*, objective: str, gamma: float, window: int, eps: float, omega_floor: float) -> None:
+def _validate(
+    objective: str, teacher: str, *, gamma: float, window: int, eps: float, omega_floor: float
+) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"--model.objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    if OBJECTIVES[objective].moving_teacher and teacher == "frozen":
+        raise ValueError(f"--model.objective {objective} needs --teacher.schedule hard_copy, not frozen")
     if gamma < 0:
         raise ValueError(f"--model.gamma must be >= 0, got {gamma}")
     if window < 0:

@@ -35,6 +35,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "rlsd": {},
     "egrsd": {"gamma": 0.3},
     "cl_egrsd": {"gamma": 1.0, "window": 2},
+    "crisp": {"teacher": "hard_copy"},  # the teacher adapter starts as the base (LoRA B = 0)
 }
 
 
@@ -102,6 +103,13 @@ def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
+def naive_kl(objective: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``[T_i]`` per-token KL from full log-prob rows: opsd ``KL(p_T ‖ p_θ)``, crisp ``KL(p_θ ‖ p_T)``."""
+    if objective == "crisp":
+        return (student.exp() * (student - teacher)).sum(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
 def naive_loss(
     objective: str, batch: RolloutBatch, student: list[torch.Tensor], teacher: list[torch.Tensor] | None
 ) -> torch.Tensor:
@@ -116,8 +124,8 @@ def naive_loss(
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
         return -sum(a * x.sum() for a, x in zip(advantages, logp_s, strict=True)) / tokens
     assert teacher is not None
-    if objective == "opsd":  # KL(p_T || p_θ) = Σ_v p_T (log p_T - log p_θ)
-        kl = [(t.exp() * (t - s)).sum(-1) for s, t in zip(student, teacher, strict=True)]
+    if objective in ("opsd", "crisp"):
+        kl = [naive_kl(objective, s, t) for s, t in zip(student, teacher, strict=True)]
         return sum(x.sum() for x in kl) / tokens
     advantages = rewards - 0.5  # warm-up baseline (no earlier steps)
     logp_t = [t.gather(-1, y[:, None])[:, 0] for t, y in zip(teacher, targets, strict=True)]
@@ -186,7 +194,7 @@ def test_module_quantities_and_loss_equal_a_naive_unpadded_full_logit_computatio
         assert teacher is not None
         close(
             inputs.token_kl,
-            padded([(t.exp() * (t - s)).sum(-1) for s, t in zip(student, teacher, strict=True)], width),
+            padded([naive_kl(objective, s, t) for s, t in zip(student, teacher, strict=True)], width),
         )
     expected_loss = naive_loss(objective, batch, student, teacher)
     torch.testing.assert_close(output["loss"].detach().double(), expected_loss, atol=TOLERANCE, rtol=0)

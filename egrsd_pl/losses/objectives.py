@@ -1,4 +1,4 @@
-"""The six training objectives behind one signature and one name switch (SPEC "The objectives").
+"""The seven training objectives behind one signature and one name switch (SPEC "The objectives").
 
 Every objective is ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`);
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
@@ -36,8 +36,9 @@ from egrsd_pl.losses.token_weights import (
     _policy_gradient_loss,
     _token_advantages,
 )
+from egrsd_pl.losses.vocabulary import KLDirection
 
-ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd"]
+ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"]
 
 
 class ObjectiveInputs(NamedTuple):
@@ -48,7 +49,7 @@ class ObjectiveInputs(NamedTuple):
     advantages: Tensor | None = None  # [B] A_i: running statistics (rlsd/egrsd/cl_egrsd), group (grpo)
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
     teacher_entropy: Tensor | None = None  # [B, T] H_t in nats
-    token_kl: Tensor | None = None  # [B, T] KL(p_T || p_θ) with grad (opsd)
+    token_kl: Tensor | None = None  # [B, T] with grad: KL(p_T || p_θ) (opsd) or KL(p_θ || p_T) (crisp)
 
 
 class LossStats(NamedTuple):
@@ -64,7 +65,7 @@ class LossStats(NamedTuple):
     clip_frac_low: Tensor | None = None  # fraction of tokens with exp(D·δ) < 1 - ε
     entropy_mean: Tensor | None = None  # mean raw teacher entropy
     entropy_max: Tensor | None = None  # local max of the raw teacher entropy (before any all-reduce)
-    kl_mean: Tensor | None = None  # mean KL(p_T || p_θ)
+    kl_mean: Tensor | None = None  # mean token KL (opsd: forward, crisp: reverse)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The statistics that are set, by field name."""
@@ -223,11 +224,24 @@ def grpo_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tupl
     return _policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
-def opsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
-    """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
-    kl = _require(inputs, "token_kl", "opsd")  # [B, T]
+def _token_kl_objective(inputs: ObjectiveInputs, objective: str) -> tuple[Tensor, LossStats]:
+    kl = _require(inputs, "token_kl", objective)  # [B, T]
     loss = _masked_mean(kl, inputs.mask)
     return loss, LossStats(kl_mean=loss.detach())
+
+
+def opsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
+    """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
+    return _token_kl_objective(inputs, "opsd")
+
+
+def crisp_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
+    """CRISP: ``L = masked_mean(KL(p_θ ‖ p_T))``, the reverse KL to a conciseness-prompted teacher.
+
+    ``inputs.token_kl`` must be the reverse KL (:func:`~egrsd_pl.losses.token_kl` with
+    ``direction="reverse"``; :data:`OBJECTIVES` tells the trainer). No reward enters the loss.
+    """
+    return _token_kl_objective(inputs, "crisp")
 
 
 def _entropy_gated_objective(
@@ -259,7 +273,7 @@ def cl_egrsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> 
     return _entropy_gated_objective(inputs, "cl_egrsd", settings)
 
 
-TokenInputs = Literal["student_logprobs", "gated_teacher", "forward_kl"]
+TokenInputs = Literal["student_logprobs", "gated_teacher", "token_kl"]
 
 
 @dataclass(frozen=True)
@@ -271,10 +285,15 @@ class ObjectiveSpec:
         uses_rollouts: False only for ``sft``, which trains on the reference solution.
         token_inputs: The per-token quantities of steps 4–5 it reads: ``student_logprobs``
             (``log p_θ(y_t)`` only), ``gated_teacher`` (also the teacher's ``log p_T(y_t)`` and entropy,
-            :func:`teacher_token_stats`) or ``forward_kl`` (:func:`token_kl` only).
+            :func:`teacher_token_stats`) or ``token_kl`` (:func:`token_kl` only, in ``kl_direction``).
         advantage: ``"running"`` (Welford baseline), ``"group"`` (:func:`group_relative_advantages`)
             or ``"none"``.
         gated: Whether the confidence gate reads the batch maximum of the teacher entropy (step 7).
+        kl_direction: ``direction`` of :func:`token_kl` when ``token_inputs == "token_kl"``.
+        teacher_prompt: ``"reference"`` (problem + reference solution, SPEC "Prompts") or
+            ``"concise"`` (CRISP: the student prompt behind a conciseness instruction, no solution).
+        moving_teacher: The teacher must be refreshed from the student (CRISP); a ``frozen``
+            schedule is refused.
     """
 
     loss: Callable[..., tuple[Tensor, LossStats]]
@@ -282,6 +301,9 @@ class ObjectiveSpec:
     token_inputs: TokenInputs
     advantage: Literal["none", "running", "group"]
     gated: bool = False
+    kl_direction: KLDirection = "forward"
+    teacher_prompt: Literal["reference", "concise"] = "reference"
+    moving_teacher: bool = False
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
@@ -291,7 +313,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "grpo": ObjectiveSpec(
         grpo_objective, uses_rollouts=True, token_inputs="student_logprobs", advantage="group"
     ),
-    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, token_inputs="forward_kl", advantage="none"),
+    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, token_inputs="token_kl", advantage="none"),
     "rlsd": ObjectiveSpec(
         rlsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running"
     ),
@@ -300,6 +322,15 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     ),
     "cl_egrsd": ObjectiveSpec(
         cl_egrsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running", gated=True
+    ),
+    "crisp": ObjectiveSpec(
+        crisp_objective,
+        uses_rollouts=True,
+        token_inputs="token_kl",
+        advantage="none",
+        kl_direction="reverse",
+        teacher_prompt="concise",
+        moving_teacher=True,
     ),
 }
 
