@@ -130,7 +130,8 @@ def length_shaped_reward(correct: bool, length: int, max_length: int, beta: floa
     """SPEC.md step 2: ``r = 1[correct] · (1 + β · (1 − length / max_length))``.
 
     Args:
-        correct: Whether the completion's answer is right (truncated or unverifiable: ``False``).
+        correct: Whether the completion's final boxed answer is right (none, e.g. cut off inside its
+            thinking, or unverifiable: ``False``; a truncated completion that holds its answer counts).
         length: Completion length ``|y|`` in tokens, in ``[0, max_length]``.
         max_length: ``L_max``, the completion cap (paper: 1,024).
         beta: ``β_L`` (paper: 0.5); 0 gives the plain 0/1 reward.
