@@ -243,7 +243,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         builder = self._prompt_builder()
-        kept = [p for p in self.problems if self._fits(builder, p)]
+        teacher_lengths = [len(builder.teacher_prompt_ids(p.problem, p.solution)) for p in self.problems]
+        budget = self.hparams.max_length - self.hparams.max_new_tokens
+        kept = [p for p, n in zip(self.problems, teacher_lengths, strict=True) if n <= budget]
         self.num_skipped_long = len(self.problems) - len(kept)
         if self.num_skipped_long:
             log.warning(
@@ -255,7 +257,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if not kept:
             raise ValueError(f"no training problem fits --data.max_length {self.hparams.max_length}")
-        self.check_lengths(builder, kept)
+        self.check_lengths(builder, kept, longest_teacher=max(n for n in teacher_lengths if n <= budget))
         trainer = self.trainer
         self._sampler = ResumableShardSampler(
             len(kept),
@@ -283,9 +285,12 @@ class RolloutDataModule(L.LightningDataModule):
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
         return DataLoader(cast(Dataset[int], [0]), batch_size=1)
 
-    def check_lengths(self, builder: PromptBuilder, problems: Sequence[Problem]) -> None:
+    def check_lengths(
+        self, builder: PromptBuilder, problems: Sequence[Problem], *, longest_teacher: int
+    ) -> None:
         """Before any rollout: the longest student prompt + ``max_new_tokens`` must fit the engine and the
-        model's context, and the longest teacher sequence the model's context; reserves the engine's length.
+        model's context, and the longest teacher prompt (``longest_teacher`` tokens) + ``max_new_tokens``
+        the model's context; reserves the engine's length.
 
         Raises:
             SequenceTooLongError: One line naming ``--data.max_new_tokens`` (or the engine's flag).
@@ -294,10 +299,9 @@ class RolloutDataModule(L.LightningDataModule):
         context = model_context_length(getattr(module, "policy", None))
         new_tokens = self.hparams.max_new_tokens
         student = max(len(builder.student_prompt_ids(p.problem)) for p in problems)
-        teacher = max(len(builder.teacher_prompt_ids(p.problem, p.solution)) for p in problems)
         flag = "--data.max_new_tokens"
         check_sequence_fits(
-            teacher,
+            longest_teacher,
             new_tokens,
             model_context=context,
             engine_limit=None,
@@ -314,10 +318,6 @@ class RolloutDataModule(L.LightningDataModule):
             prompt_name="the longest student prompt",
         )
         self.engine.reserve_length(student + new_tokens)
-
-    def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
-        length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))
-        return length + self.hparams.max_new_tokens <= self.hparams.max_length
 
     def _prompt_builder(self) -> PromptBuilder:
         module = self.trainer.lightning_module if self.trainer else None

@@ -144,10 +144,10 @@ def test_make_batch_packs_student_and_teacher_row_by_row(verifier: AnswerVerifie
 def test_check_lengths_names_the_flag_and_reserves_the_engine(verifier: AnswerVerifier) -> None:
     fits = ScriptedEngine([], limit=(12, "--engine.cap"))
     dm = datamodule(fits, verifier)
-    dm.check_lengths(FakeBuilder(), PROBLEMS)  # longest student prompt 2 + 10 new tokens = 12
+    dm.check_lengths(FakeBuilder(), PROBLEMS, longest_teacher=9)  # longest student prompt 2 + 10 = 12
     assert fits.reserved == [12]
 
     too_short = ScriptedEngine([], limit=(11, "--engine.cap"))
     with pytest.raises(SequenceTooLongError, match=r"--data.max_new_tokens 10 .* --engine.cap 11") as error:
-        datamodule(too_short, verifier).check_lengths(FakeBuilder(), PROBLEMS)
+        datamodule(too_short, verifier).check_lengths(FakeBuilder(), PROBLEMS, longest_teacher=9)
     assert "\n" not in str(error.value) and too_short.reserved == []
