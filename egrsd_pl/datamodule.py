@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from egrsd_pl.losses import ObjectiveSpec
 from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import load_problems
-from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
+from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
 from egrsd_pl.rollout.base import (
     Rollout,
@@ -46,7 +47,8 @@ class RolloutBatch:
         correct: ``[N]`` bool verification results.
         group_ids: ``[N]`` long index of each rollout's problem in the batch (GRPO groups).
         student: Student prompt + completion, packed (``sft``: + reference solution).
-        teacher: Privileged teacher prompt + the same completion ids (``None`` for ``sft``).
+        teacher: Teacher prompt (privileged, or CRISP's concise one) + the same completion ids
+            (``None`` for ``sft``).
         rollout_seconds: Wall time spent generating.
     """
 
@@ -163,6 +165,9 @@ class RolloutDataModule(L.LightningDataModule):
         verify_workers: Processes verifying answers in parallel (math-verify runs out of process so its
             time limits hold in any thread).
         verify_timeout_s: Seconds one answer may take before it is scored wrong (and counted).
+        crisp_instruction: The conciseness instruction of CRISP's teacher (``--model.objective crisp``
+            only), prepended to the student's prompt as a system turn; the default is our own wording of
+            CRISP's intent (see README to paste the authors' text).
     """
 
     if TYPE_CHECKING:
@@ -191,8 +196,11 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
         verify_workers: int = 1,
         verify_timeout_s: float = 5.0,
+        crisp_instruction: str = DEFAULT_CONCISE_INSTRUCTION,
     ) -> None:
         super().__init__()
+        if not crisp_instruction.strip():
+            raise ValueError("--data.crisp_instruction must be a non-empty instruction")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
         if length_beta < 0:
@@ -243,7 +251,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         builder = self._prompt_builder()
-        teacher_lengths = [len(builder.teacher_prompt_ids(p.problem, p.solution)) for p in self.problems]
+        spec: ObjectiveSpec = self._module().objective_spec
+        teacher_lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
         budget = self.hparams.max_length - self.hparams.max_new_tokens
         kept = [p for p, n in zip(self.problems, teacher_lengths, strict=True) if n <= budget]
         self.num_skipped_long = len(self.problems) - len(kept)
@@ -288,40 +297,37 @@ class RolloutDataModule(L.LightningDataModule):
     def check_lengths(
         self, builder: PromptBuilder, problems: Sequence[Problem], *, longest_teacher: int
     ) -> None:
-        """Before any rollout: the longest student prompt + ``max_new_tokens`` must fit the engine and the
-        model's context, and the longest teacher prompt (``longest_teacher`` tokens) + ``max_new_tokens``
-        the model's context; reserves the engine's length.
-
-        Raises:
-            SequenceTooLongError: One line naming ``--data.max_new_tokens`` (or the engine's flag).
-        """
-        module = self.trainer.lightning_module if self.trainer else None
-        context = model_context_length(getattr(module, "policy", None))
-        new_tokens = self.hparams.max_new_tokens
+        """Before any rollout, the longest student prompt + ``max_new_tokens`` must fit the engine and the
+        model's context (then the engine reserves it), the longest teacher prompt + ``max_new_tokens``
+        the model's context; else :class:`~egrsd_pl.rollout.base.SequenceTooLongError` names the flag."""
+        context = model_context_length(getattr(self._module(), "policy", None))
+        new_tokens, flag = self.hparams.max_new_tokens, "--data.max_new_tokens"
         student = max(len(builder.student_prompt_ids(p.problem)) for p in problems)
-        flag = "--data.max_new_tokens"
-        check_sequence_fits(
-            longest_teacher,
-            new_tokens,
-            model_context=context,
-            engine_limit=None,
-            new_tokens_flag=flag,
-            prompt_name="the longest teacher prompt kept by --data.max_length",
-        )
-        limit = self.engine.max_sequence_length()
-        check_sequence_fits(
-            student,
-            new_tokens,
-            model_context=context,
-            engine_limit=limit,
-            new_tokens_flag=flag,
-            prompt_name="the longest student prompt",
-        )
+        for prompt, name, limit in (
+            (longest_teacher, "the longest teacher prompt kept by --data.max_length", None),
+            (student, "the longest student prompt", self.engine.max_sequence_length()),
+        ):
+            check_sequence_fits(
+                prompt,
+                new_tokens,
+                model_context=context,
+                engine_limit=limit,
+                new_tokens_flag=flag,
+                prompt_name=name,
+            )
         self.engine.reserve_length(student + new_tokens)
 
+    def teacher_prompt_ids(self, builder: PromptBuilder, spec: ObjectiveSpec, problem: Problem) -> list[int]:
+        """The objective's teacher prompt: CRISP's concise one, or problem + reference solution."""
+        if spec.teacher_prompt == "concise":
+            return builder.concise_teacher_prompt_ids(problem.problem, self.hparams.crisp_instruction)
+        return builder.teacher_prompt_ids(problem.problem, problem.solution)
+
+    def _module(self) -> Any:
+        return self.trainer.lightning_module if self.trainer else None
+
     def _prompt_builder(self) -> PromptBuilder:
-        module = self.trainer.lightning_module if self.trainer else None
-        builder = getattr(module, "prompt_builder", None)
+        builder = getattr(self._module(), "prompt_builder", None)
         if builder is None:
             raise RuntimeError("RolloutDataModule needs a module with a `prompt_builder` (EGRSDModule)")
         return builder
@@ -369,7 +375,7 @@ class RolloutDataModule(L.LightningDataModule):
         rewards, correct = self.score(problems, rollouts)
         completions = [list(r.completion_ids) for r in rollouts]
         owners = [problems[r.prompt_index] for r in rollouts]
-        teacher_prompts = [builder.teacher_prompt_ids(p.problem, p.solution) for p in owners]
+        teacher_prompts = [self.teacher_prompt_ids(builder, module.objective_spec, p) for p in owners]
         return RolloutBatch(
             problems=list(problems),
             rollouts=rollouts,
