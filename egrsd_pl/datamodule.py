@@ -24,7 +24,13 @@ from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import filter_by_prompt_length, load_problems
 from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
-from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.base import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    check_sequence_fits,
+    model_context_length,
+)
 from egrsd_pl.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
@@ -246,9 +252,10 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         builder, hp = self._prompt_builder(), self.hparams
         spec: ObjectiveSpec = self._module().objective_spec
-        lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
+        teacher_lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
+        budget = hp.max_length - hp.max_new_tokens
         kept, self.num_skipped_long = filter_by_prompt_length(
-            self.problems, lengths, max_prompt_tokens=hp.max_length - hp.max_new_tokens
+            self.problems, teacher_lengths, max_prompt_tokens=budget
         )
         if self.num_skipped_long:
             log.warning(
@@ -260,6 +267,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if not kept:
             raise ValueError(f"no training problem fits --data.max_length {self.hparams.max_length}")
+        self.check_lengths(builder, kept, longest_teacher=max(n for n in teacher_lengths if n <= budget))
         trainer = self.trainer
         self._sampler = ResumableShardSampler(
             len(kept),
@@ -286,6 +294,29 @@ class RolloutDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
         return DataLoader(cast(Dataset[int], [0]), batch_size=1)
+
+    def check_lengths(
+        self, builder: PromptBuilder, problems: Sequence[Problem], *, longest_teacher: int
+    ) -> None:
+        """Before any rollout, the longest student prompt + ``max_new_tokens`` must fit the engine and the
+        model's context (then the engine reserves it), the longest teacher prompt + ``max_new_tokens``
+        the model's context; else :class:`~egrsd_pl.rollout.base.SequenceTooLongError` names the flag."""
+        context = model_context_length(getattr(self._module(), "policy", None))
+        new_tokens, flag = self.hparams.max_new_tokens, "--data.max_new_tokens"
+        student = max(len(builder.student_prompt_ids(p.problem)) for p in problems)
+        for prompt, name, limit in (
+            (longest_teacher, "the longest teacher prompt kept by --data.max_length", None),
+            (student, "the longest student prompt", self.engine.max_sequence_length()),
+        ):
+            check_sequence_fits(
+                prompt,
+                new_tokens,
+                model_context=context,
+                engine_limit=limit,
+                new_tokens_flag=flag,
+                prompt_name=name,
+            )
+        self.engine.reserve_length(student + new_tokens)
 
     def teacher_prompt_ids(self, builder: PromptBuilder, spec: ObjectiveSpec, problem: Problem) -> list[int]:
         """The objective's teacher prompt: CRISP's concise one, or problem + reference solution."""
@@ -360,19 +391,23 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
-        """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``."""
+        """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``.
+
+        Decision (SPEC.md step 2, truncated rollouts): a completion cut at ``L_max`` is verified like
+        any other. The verifier reads the last ``\\boxed{}`` after the last ``</think>``, so a truncated
+        completion still inside its thinking, or without a closed box, has no answer and gets
+        ``r = 0`` ("truncated-without-answer"); one cut after its final boxed answer was already
+        written is scored on that answer (``r = 1 + β_L · (1 − L_max / L_max) = 1`` when correct).
+        The avg@K evaluation applies the same rule (:func:`egrsd_pl.evaluation.evaluate`).
+        """
         if self.verifier is None:
             self.verifier = self._new_verifier()
         golds = [problems[r.prompt_index].answer for r in rollouts]
-        verdicts = self.verifier.verify_batch([r.text for r in rollouts], golds)
-        # A truncated completion has no final answer by construction; it still gets r = 0 via its verdict.
+        correct = [bool(ok) for ok in self.verifier.verify_batch([r.text for r in rollouts], golds)]
         rewards = [
-            length_shaped_reward(
-                ok and not r.truncated, r.length, self.sampling.max_new_tokens, self.hparams.length_beta
-            )
-            for ok, r in zip(verdicts, rollouts, strict=True)
+            length_shaped_reward(ok, r.length, self.sampling.max_new_tokens, self.hparams.length_beta)
+            for ok, r in zip(correct, rollouts, strict=True)
         ]
-        correct = [ok and not r.truncated for ok, r in zip(verdicts, rollouts, strict=True)]
         return torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
 
     def ensure_engine(self, module: Any) -> None:
