@@ -188,7 +188,9 @@ class AlternatingRewards:
     """``RolloutDataModule.score`` for GRPO: every other rollout correct (1.25), the rest 0."""
 
     @staticmethod
-    def score(self: Any, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, ...]:
+    def score(
+        self: Any, problems: Sequence[Problem], rollouts: Sequence[Rollout]
+    ) -> tuple[torch.Tensor, ...]:
         correct = torch.arange(len(rollouts)) % 2 == 0
         return correct.float() * 1.25, correct
 
@@ -210,24 +212,28 @@ def test_paper_config_rehearses_on_cpu(
     with one_torch_thread(), working_dir(tmp_path):
         cli = rehearse(config)
     module, trainer = cli.model, cli.trainer
+    log_dir = tmp_path / trainer.log_dir  # relative to the run's working folder
     assert trainer.global_step == 2
     # The paper's numerics ran: bf16-mixed autocast over bfloat16 weights, gradient checkpointing, LoRA r 64.
     assert trainer.precision == raw["trainer"]["precision"] == "bf16-mixed"
     base = module.policy.get_base_model()
-    assert base.dtype == torch.bfloat16 and base.is_gradient_checkpointing == raw["model"]["gradient_checkpointing"]
+    assert (
+        base.dtype == torch.bfloat16
+        and base.is_gradient_checkpointing == raw["model"]["gradient_checkpointing"]
+    )
     assert base.config.vocab_size == 151_936
     assert module.policy.peft_config["default"].r == raw["model"]["lora_rank"]
     assert_adapter_moved_base_untouched(module)
-    scalars = logged_scalars(Path(trainer.log_dir))
+    scalars = logged_scalars(log_dir)
     assert "train/loss" in scalars and "grad/norm_preclip" in scalars
     bad = {tag: values for tag, values in scalars.items() if not all(math.isfinite(v) for v in values)}
     assert not bad, f"non-finite logged scalars: {bad}"
     assert len(scalars["train/loss"]) == 2
-    report = json.loads((Path(trainer.log_dir) / "eval" / "step_000002" / "results.json").read_text())
+    report = json.loads((log_dir / "eval" / "step_000002" / "results.json").read_text())
     assert_paper_protocol(report, raw)
-    assert (Path(trainer.log_dir) / "checkpoints" / "last_adapter" / "adapter_model.safetensors").is_file()
+    assert (log_dir / "checkpoints" / "last_adapter" / "adapter_model.safetensors").is_file()
     if config == GROUPS[0][0]:
-        validate_checkpoint(config, Path(trainer.log_dir) / "checkpoints" / "last.ckpt", tmp_path)
+        validate_checkpoint(config, log_dir / "checkpoints" / "last.ckpt", tmp_path / "validate")
 
 
 def validate_checkpoint(config: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -239,9 +245,9 @@ def validate_checkpoint(config: Path, checkpoint: Path, tmp_path: Path) -> None:
             "--evaluation.benchmarks=[{name: aime24, limit: 1}, {name: gsm8k, limit: 1}]",
         ]
     args = ["validate", "--config", str(config), "--config", str(REHEARSAL), EAGER_VLLM, *extra]
-    with one_torch_thread(), working_dir(tmp_path / "validate"):
+    with one_torch_thread(), working_dir(tmp_path):
         cli = build_cli(args)
-    report_dir = Path(cli.trainer.log_dir) / "eval" / "last"
+    report_dir = tmp_path / cli.trainer.log_dir / "eval" / "last"
     report = json.loads((report_dir / "results.json").read_text())
     assert_paper_protocol(report, load_yaml(config))
     assert (report_dir / "completions.jsonl").is_file() and (report_dir / "results.md").is_file()

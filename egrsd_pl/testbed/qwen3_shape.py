@@ -61,7 +61,13 @@ def qwen3_shape_tokenizer() -> PreTrainedTokenizerFast:
     entries to exactly 151,643 tokens so that ``<|endoftext|>`` gets id 151643 and the other 25
     added tokens follow in Qwen3's order.
     """
-    texts = [DEFAULT_INSTRUCTION, DEFAULT_TRANSITION, REFERENCE_BEGIN, REFERENCE_END, "system\nuser\nassistant\n"]
+    texts = [
+        DEFAULT_INSTRUCTION,
+        DEFAULT_TRANSITION,
+        REFERENCE_BEGIN,
+        REFERENCE_END,
+        "system\nuser\nassistant\n",
+    ]
     for problem in synthetic_problems(500, seed=0, split="train"):
         texts += [problem.problem, problem.solution]
     trained = Tokenizer(models.BPE())
@@ -79,7 +85,10 @@ def qwen3_shape_tokenizer() -> PreTrainedTokenizerFast:
     vocab: dict[str, int] = dict(trained_model["vocab"])
     for filler_id in range(len(vocab), QWEN3_FIRST_ADDED_ID):
         vocab[_FILLER.format(filler_id)] = filler_id
-    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in trained_model["merges"]]
+    merges = [
+        tuple(merge) if isinstance(merge, list) else tuple(merge.split(" "))
+        for merge in trained_model["merges"]
+    ]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = _pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
