@@ -95,7 +95,9 @@ def build_module(args: argparse.Namespace) -> EGRSDModule:
 
 def naive_log_probs(module: EGRSDModule, packed: PackedBatch) -> torch.Tensor:
     """``[N, T, V]`` float32 log-probabilities at the completion positions, cut from the full ``[N, L, V]`` logits."""
-    logits = module.policy(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits  # [N, L, V]
+    logits = module.policy(
+        input_ids=packed.input_ids, attention_mask=packed.attention_mask
+    ).logits  # [N, L, V]
     index = packed.positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))  # [N, T, V]
     return torch.log_softmax(logits.gather(1, index).float(), dim=-1)  # [N, T, V]
 

@@ -113,7 +113,10 @@ def test_build_is_deterministic(model_dir: Path, tmp_path: Path):
     assert (again / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
     from safetensors.torch import load_file
 
-    first, second = load_file(str(model_dir / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    first, second = (
+        load_file(str(model_dir / "model.safetensors")),
+        load_file(str(again / "model.safetensors")),
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 

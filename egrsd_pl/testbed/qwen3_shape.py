@@ -157,7 +157,8 @@ def build_qwen3_shape(
     config = qwen3_shape_config(hidden_size=hidden_size, num_layers=num_layers)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(config)
+    model = model.bfloat16()  # Qwen3 ships bfloat16 weights
     model.generation_config = GenerationConfig(
         bos_token_id=151643,
         eos_token_id=[151645, 151643],
@@ -233,14 +234,12 @@ def resolve_qwen3_shape(query: str) -> Path:
             f"unknown testbed:qwen3-shape option(s) {sorted(unknown)}; use hidden_size, num_layers and seed"
         )
     try:
-        shapes = {
-            "seed": int(options.get("seed", 0)),
-            "hidden_size": int(options.get("hidden_size", DEFAULT_HIDDEN_SIZE)),
-            "num_layers": int(options.get("num_layers", DEFAULT_NUM_LAYERS)),
-        }
+        seed = int(options.get("seed", 0))
+        hidden_size = int(options.get("hidden_size", DEFAULT_HIDDEN_SIZE))
+        num_layers = int(options.get("num_layers", DEFAULT_NUM_LAYERS))
     except ValueError as error:
         raise ValueError(f"bad testbed:qwen3-shape option in {query!r}: {error}") from error
-    return ensure_qwen3_shape(**shapes)
+    return ensure_qwen3_shape(seed=seed, hidden_size=hidden_size, num_layers=num_layers)
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
