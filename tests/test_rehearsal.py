@@ -49,7 +49,7 @@ from egrsd_pl.rollout.base import Rollout
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 REHEARSAL = ROOT / "configs" / "cpu_rehearsal.yaml"
-SHARED_BENCH = ROOT.parents[1] / "shared" / "data" / "bench"
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench"
 EAGER_VLLM = "--data.engine.init_args.enforce_eager=true"
 
 
