@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from callbacks.reward_statistics import RewardStatistics  # noqa: E402
 from egrsd_pl.datamodule import RolloutBatch  # noqa: E402
 from egrsd_pl.losses import ObjectiveInputs, compute_objective  # noqa: E402
 from egrsd_pl.module import EGRSDModule  # noqa: E402
 from egrsd_pl.prompts import PackedBatch, pack_completions  # noqa: E402
+from egrsd_pl.stats import RunningRewardStats  # noqa: E402
 
 METHODS = ("naive", "package")
 
@@ -86,9 +86,8 @@ def build_module(args: argparse.Namespace) -> EGRSDModule:
         logit_chunk_size=args.chunk_size,
     )
     module.configure_model()
-    statistics = RewardStatistics()
-    # training_step asks the Trainer for the statistics callback and logs through it; outside one, these two.
-    module.reward_statistics = lambda: statistics  # type: ignore[method-assign]
+    # Outside a Trainer: the statistics callbacks.RewardStatistics would hand over, and no logging.
+    module.reward_statistics = RunningRewardStats()
     module.log_training_step = lambda *_: None  # type: ignore[method-assign]
     return module
 
@@ -107,19 +106,22 @@ def naive_loss(module: EGRSDModule, batch: RolloutBatch) -> torch.Tensor:
     spec, hp = module.objective_spec, module.hparams
     student = batch.student
     mask, targets = student.completion_mask, student.completion_ids.unsqueeze(-1)  # [N, T], [N, T, 1]
-    advantages = module.advantages(batch) if spec.advantage != "none" else None  # [N]
+    advantages = module.sequence_advantages(batch)  # [N] or None
     student_all = naive_log_probs(module, student)  # [N, T, V]
     student_logp = student_all.gather(-1, targets).squeeze(-1)  # [N, T]
     teacher_logp = teacher_entropy = kl = entropy_max = None
-    if spec.teacher != "none":
+    if spec.token_inputs != "student_logprobs":
         assert batch.teacher is not None
-        with torch.no_grad(), module.teacher_weights():
+        with torch.no_grad(), module.teacher.weights():
             teacher_all = naive_log_probs(module, batch.teacher)  # [N, T, V]
-        if spec.teacher == "token_stats":
+        if spec.token_inputs == "gated_teacher":
             teacher_logp = teacher_all.gather(-1, targets).squeeze(-1)  # [N, T]
             teacher_entropy = -(teacher_all.exp() * teacher_all).sum(-1)  # [N, T]
-            entropy_max = torch.where(mask, teacher_entropy, torch.zeros_like(teacher_entropy)).max()
-        else:
+            if spec.gated:
+                entropy_max = torch.where(mask, teacher_entropy, torch.zeros_like(teacher_entropy)).max()
+        elif spec.kl_direction == "reverse":  # crisp: KL(p_θ || p_T)
+            kl = (student_all.exp() * (student_all - teacher_all)).sum(-1)  # [N, T]
+        else:  # opsd: KL(p_T || p_θ)
             kl = (teacher_all.exp() * (teacher_all - student_all)).sum(-1)  # [N, T]
     loss, _ = compute_objective(
         hp.objective,
@@ -134,7 +136,7 @@ def naive_loss(module: EGRSDModule, batch: RolloutBatch) -> torch.Tensor:
         gamma=hp.gamma,
         window=hp.window,
         eps=hp.eps,
-        floor=hp.omega_floor,
+        omega_floor=hp.omega_floor,
         entropy_max=entropy_max,
     )
     return loss
@@ -144,7 +146,7 @@ def optimizer_step(
     module: EGRSDModule, optimizer: torch.optim.Optimizer, batch: RolloutBatch, method: str
 ) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = module.training_step(batch, 0) if method == "package" else naive_loss(module, batch)
+        loss = module.training_step(batch, 0)["loss"] if method == "package" else naive_loss(module, batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in module.policy.parameters() if p.requires_grad], 0.1)
     optimizer.step()
