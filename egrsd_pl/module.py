@@ -32,6 +32,7 @@ from egrsd_pl.losses import (
     student_token_logprobs,
     teacher_token_stats,
     token_kl,
+    token_quantities,
 )
 from egrsd_pl.prompts import PackedBatch, PromptBuilder
 
@@ -243,7 +244,7 @@ class EGRSDModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
 
     # ------------------------------------------------------------ algorithm
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
         spec, hp = self.objective_spec, self.hparams
         student = batch.student
         mask = student.completion_mask  # [N, T]
@@ -272,16 +273,10 @@ class EGRSDModule(L.LightningModule):
                     student_hidden, teacher_hidden, weight, chunk_size=hp.logit_chunk_size, mask=mask
                 )  # [N, T]
         # Steps 6–11: window minimum, normalisation, gate, magnitude, token advantage, masked mean.
+        inputs = ObjectiveInputs(student_logp, mask, advantages, teacher_logp, teacher_entropy, kl)
         loss, stats = compute_objective(
             hp.objective,
-            ObjectiveInputs(
-                student_logp=student_logp,
-                mask=mask,
-                advantages=advantages,
-                teacher_logp=teacher_logp,
-                teacher_entropy=teacher_entropy,
-                token_kl=kl,
-            ),
+            inputs,
             gamma=hp.gamma,
             window=hp.window,
             eps=hp.eps,
@@ -292,7 +287,10 @@ class EGRSDModule(L.LightningModule):
         if spec.uses_rollouts:
             self.reward_statistics().record(batch.rewards)
         self.log_training_step(batch, loss, stats, advantages)
-        return loss
+        return {
+            "loss": loss,
+            "token_quantities": token_quantities(inputs, entropy_max),
+        }  # detached, for callbacks
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing per batch: ``main.py validate`` is avg@K evaluation, run by ``callbacks.PeriodicEvaluation``."""

@@ -14,6 +14,7 @@ from egrsd_pl.losses.objectives import (
     ObjectiveInputs,
     ObjectiveName,
     ObjectiveSpec,
+    TokenQuantities,
     cl_egrsd_objective,
     compute_objective,
     egrsd_loss,
@@ -23,6 +24,7 @@ from egrsd_pl.losses.objectives import (
     opsd_objective,
     rlsd_objective,
     sft_objective,
+    token_quantities,
 )
 from egrsd_pl.losses.token_weights import (
     ENTROPY_MAX_FLOOR_NATS,
@@ -45,6 +47,7 @@ __all__ = [
     "ObjectiveInputs",
     "ObjectiveName",
     "ObjectiveSpec",
+    "TokenQuantities",
     "causal_window_min",
     "cl_egrsd_objective",
     "compute_objective",
@@ -66,4 +69,5 @@ __all__ = [
     "teacher_token_stats",
     "token_advantages",
     "token_kl",
+    "token_quantities",
 ]

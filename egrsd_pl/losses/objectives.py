@@ -26,6 +26,7 @@ from egrsd_pl.losses._checks import (
     check_window,
 )
 from egrsd_pl.losses.token_weights import (
+    ENTROPY_MAX_FLOOR_NATS,
     confidence_gate,
     likelihood_ratio_magnitude,
     masked_max,
@@ -48,6 +49,40 @@ class ObjectiveInputs(NamedTuple):
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
     teacher_entropy: Tensor | None = None  # [B, T] H_t in nats
     token_kl: Tensor | None = None  # [B, T] KL(p_T || p_θ) with grad (opsd)
+
+
+class TokenQuantities(NamedTuple):
+    """Detached per-token quantities of one training step: ``outputs["token_quantities"]`` in callbacks.
+
+    Attributes:
+        mask: ``[B, T]`` bool completion mask.
+        teacher_entropy: ``[B, T]`` raw teacher entropy in nats, or ``None`` (objectives without it).
+        delta: ``[B, T]`` ``δ = log p_T(y_t) − log p_S(y_t)``, or ``None``.
+        entropy_max: 0-dim normaliser the gate divided by, ``max(H_max, 1 nat)`` after any all-reduce
+            (``--model.entropy_scope global``), or ``None`` when no gate reads it.
+    """
+
+    mask: Tensor
+    teacher_entropy: Tensor | None
+    delta: Tensor | None
+    entropy_max: Tensor | None
+
+
+def token_quantities(inputs: ObjectiveInputs, entropy_max: Tensor | None) -> TokenQuantities:
+    """The :class:`TokenQuantities` of one step's objective inputs (detached).
+
+    Args:
+        inputs: The objective's inputs of the step.
+        entropy_max: The raw entropy maximum the gate read (after any all-reduce), or ``None``.
+    """
+    delta = None
+    if inputs.teacher_logp is not None:
+        delta = (inputs.teacher_logp - inputs.student_logp).detach()  # [B, T]
+    entropy = inputs.teacher_entropy.detach() if inputs.teacher_entropy is not None else None  # [B, T]
+    normaliser = None
+    if entropy_max is not None:
+        normaliser = torch.as_tensor(entropy_max).detach().clamp(min=ENTROPY_MAX_FLOOR_NATS)  # []
+    return TokenQuantities(inputs.mask, entropy, delta, normaliser)
 
 
 class LossStats(NamedTuple):
