@@ -130,7 +130,7 @@ class MechanismDiagnostics(L.Callback):
     ) -> None:
         """Histograms and the decile image, on rank 0, once per optimizer step that is due."""
         step = trainer.global_step
-        experiment = getattr(trainer.logger, "experiment", None)
+        experiment: Any = getattr(trainer.logger, "experiment", None)
         histograms = self.should_draw(step, self.histogram_every_n_steps, self._last_picture_step)
         deciles = self.should_draw(step, self.deciles_every_n_steps, self._last_picture_step)
         if (

@@ -173,7 +173,7 @@ def load_adapter(module: Any, ckpt_path: Path) -> None:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: adapter rank {rank} != model.lora_rank {module.hparams.lora_rank}"
             )
-        result = set_peft_model_state_dict(module.policy, load_file(str(weights)))
+        result: Any = set_peft_model_state_dict(module.policy, load_file(str(weights)))
         if result.unexpected_keys:
             raise ValueError(
                 f"--ckpt_path {ckpt_path}: {len(result.unexpected_keys)} adapter tensors do not fit the model"

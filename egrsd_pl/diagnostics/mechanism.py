@@ -86,9 +86,12 @@ def token_gates(
     entropy = teacher_entropy.float()  # [N, T]
     if entropy_max is None:
         entropy_max = masked_max(entropy, mask)
-    common = {"mask": mask, "gamma": gamma, "floor": floor, "entropy_max": entropy_max}
-    omega = confidence_gate(entropy, window=0, **common)  # [N, T]
-    omega_cl = confidence_gate(entropy, window=window, **common)  # [N, T]
+    omega = confidence_gate(
+        entropy, mask, gamma=gamma, window=0, floor=floor, entropy_max=entropy_max
+    )  # [N, T]
+    omega_cl = confidence_gate(
+        entropy, mask, gamma=gamma, window=window, floor=floor, entropy_max=entropy_max
+    )  # [N, T]
     entropy_hat = normalize_entropy(entropy, mask, entropy_max=entropy_max)  # [N, T]
     window_min = causal_window_min(entropy, mask, window)  # [N, T]
     entropy_cl_hat = normalize_entropy(window_min, mask, entropy_max=entropy_max)  # [N, T]
