@@ -17,6 +17,7 @@ from egrsd_pl.diagnostics.mechanism import (
     regime_stats,
     token_gates,
 )
+from egrsd_pl.losses import masked_mean
 
 DEFAULT_LOOKAHEAD = 5
 """Look-ahead ``W`` of ``Ĥ^CL`` when the run itself has none (``egrsd``, ``rlsd``): the paper's Fig. 4b."""
@@ -30,8 +31,8 @@ class MechanismDiagnostics(L.Callback):
     :mod:`egrsd_pl.diagnostics.mechanism`, per step:
 
     - ``diag/{lock,fork,pivot,mid}_frac``: share of the step's completion tokens in each regime;
-    - ``diag/restore_{lock,fork,pivot,mid}``: mean ``ω^CL − ω`` per regime; ``diag/selectivity`` =
-      pivot / fork restore (when the fork restore is positive);
+    - ``diag/restore_{lock,fork,pivot,mid}``: mean ``ω^CL − ω`` per regime (the pivot/fork selectivity is
+      their ratio; not logged itself, it is undefined on steps without forks);
     - ``diag/omega_mean``, ``diag/omega_cl_mean``, ``diag/gap_abs_mean`` (mean ``|δ|``);
     - every ``histogram_every_n_steps``: TensorBoard histograms of ``H``, ``ω`` and ``ω^CL``;
     - every ``deciles_every_n_steps``: the Fig. 4a decile chart of the step as a TensorBoard image.
@@ -103,7 +104,7 @@ class MechanismDiagnostics(L.Callback):
             return
         quantities = outputs["token_quantities"]
         entropy, mask = quantities.teacher_entropy, quantities.mask  # [N, T], [N, T]
-        if entropy is None or not bool(mask.any()):
+        if entropy is None:  # same on every rank (the objective decides), so no collective is skipped
             return
         gamma, window, floor = self.settings(pl_module)
         gates = token_gates(
@@ -115,12 +116,11 @@ class MechanismDiagnostics(L.Callback):
         stats = regime_stats(regime, gates.restore)
         metrics = {f"diag/{name}_frac": stats.shares[i] for i, name in enumerate(REGIMES)}
         metrics.update({f"diag/restore_{name}": stats.mean_restore[i] for i, name in enumerate(REGIMES)})
-        if bool(torch.isfinite(stats.selectivity)):
-            metrics["diag/selectivity"] = stats.selectivity
-        metrics["diag/omega_mean"] = gates.omega[mask].mean()
-        metrics["diag/omega_cl_mean"] = gates.omega_cl[mask].mean()
+        # The same keys on every rank, also with an empty mask (0, never NaN): log_dict syncs them.
+        metrics["diag/omega_mean"] = masked_mean(gates.omega, mask)
+        metrics["diag/omega_cl_mean"] = masked_mean(gates.omega_cl, mask)
         if quantities.delta is not None:
-            metrics["diag/gap_abs_mean"] = quantities.delta[mask].abs().mean()
+            metrics["diag/gap_abs_mean"] = masked_mean(quantities.delta.abs(), mask)
         batch_size = int(mask.shape[0])
         pl_module.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
         self.draw(trainer, entropy, mask, gates, quantities.delta, gamma=gamma)
@@ -140,7 +140,7 @@ class MechanismDiagnostics(L.Callback):
         ):
             return
         self._last_picture_step = step
-        if histograms:
+        if histograms and bool(mask.any()):
             experiment.add_histogram("diag/teacher_entropy", entropy[mask].float().cpu(), step)
             experiment.add_histogram("diag/omega", gates.omega[mask].cpu(), step)
             experiment.add_histogram("diag/omega_cl", gates.omega_cl[mask].cpu(), step)

@@ -188,3 +188,49 @@ def test_diagnose_rejects_bad_thresholds_before_loading_anything(tmp_path: Path)
         diagnose(["--output", str(tmp_path), "--tau_low", "0.5", "--tau_high", "0.3"])
     with pytest.raises(FileNotFoundError, match="--ckpt_path"):
         diagnose(["--output", str(tmp_path), "--ckpt_path", str(tmp_path / "missing.ckpt")])
+
+
+class _RecordingModule:
+    hparams = {"objective": "egrsd", "gamma": 0.3, "window": 0, "omega_floor": 0.1}
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log_dict(self, metrics, **kwargs) -> None:
+        self.logged = {k: float(v) for k, v in metrics.items()}
+
+
+class _Trainer:
+    global_step = 1
+    logger = None
+    is_global_zero = True
+
+
+def _step_outputs(entropy: torch.Tensor, mask: torch.Tensor) -> dict:
+    from egrsd_pl.losses import TokenQuantities
+
+    return {
+        "loss": torch.tensor(0.0),
+        "token_quantities": TokenQuantities(mask, entropy, entropy * 0, torch.tensor(10.0)),
+    }
+
+
+def test_callback_scalars_on_a_hand_built_step_and_on_an_empty_mask():
+    # The hand-built row of test_diagnostics_mechanism.py (normaliser 10 nats, W 2):
+    # regimes L P L L F F M M M, restore 0 .225 0 0 0 .06 .15 .06 0.
+    entropy = torch.tensor([[0.5, 8.0, 0.5, 0.5, 5.0, 6.0, 7.0, 4.0, 2.0]])
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    module = _RecordingModule()
+    callback = MechanismDiagnostics(enabled=True, window=2)
+    callback.on_train_batch_end(_Trainer(), module, _step_outputs(entropy, mask), None, 0)  # type: ignore[arg-type]
+    logged = module.logged
+    assert logged["diag/pivot_frac"] == pytest.approx(1 / 9)
+    assert logged["diag/lock_frac"] == pytest.approx(3 / 9)
+    assert logged["diag/fork_frac"] == pytest.approx(2 / 9)
+    assert logged["diag/restore_pivot"] == pytest.approx(0.225, abs=1e-6)
+    assert logged["diag/restore_fork"] == pytest.approx(0.03, abs=1e-6)  # (0 + 0.06) / 2
+    # An empty step logs the same keys (DDP ranks must agree), as zeros.
+    empty = _RecordingModule()
+    callback.on_train_batch_end(_Trainer(), empty, _step_outputs(entropy, ~mask), None, 0)  # type: ignore[arg-type]
+    assert set(empty.logged) == set(logged)
+    assert all(value == 0.0 for value in empty.logged.values())
