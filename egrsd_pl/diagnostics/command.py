@@ -70,17 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tau_high", type=float, default=mechanism.DEFAULT_TAU_HIGH, help="uncertain threshold on Ĥ")
     add("--benchmarks", default=PAPER_DIAGNOSTIC_BENCHMARKS, help="comma-separated: names or name=file")
     add("--bench_dir", type=Path, help="folder of <name>.jsonl benchmark copies; omitted: the hub")
-    add("--problems", type=int, default=None, help="first N problems of each benchmark (default: all)")
+    add("--problems", type=int, default=None, help="first N problems of each benchmark; all when omitted")
     add("--samples", type=int, default=4, help="completions per problem")
-    add("--temperature", type=float, default=1.0)
-    add("--top_p", type=float, default=0.95)
+    add("--temperature", type=float, default=1.0, help="sampling temperature (paper evaluation: 1.0)")
+    add("--top_p", type=float, default=0.95, help="nucleus mass")
     add("--top_k", type=int, default=-1, help="-1 disables")
-    add("--max_new_tokens", type=int, default=4096)
-    add("--seed", type=int, default=0)
+    add("--max_new_tokens", type=int, default=4096, help="completion cap in tokens")
+    add("--seed", type=int, default=0, help="sampling seed (offset per generate call)")
     add("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine for the sampling")
     add("--prompts_per_call", type=int, default=16, help="problems per generate call (progress granularity)")
     add("--batch_size", type=int, default=4, help="completions per forward pass and per entropy normaliser")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the model")
     add("--traces", type=int, default=4, help="trace plots: the completions with the most pivots")
     add("--trace_tokens", type=int, default=300, help="tokens per trace (the window with the most pivots)")
     add("--html_completions", type=int, default=8, help="completions on tokens.html (most pivots first)")
@@ -88,11 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the diagnostics; flags and data are checked before the model loads. Returns the exit code."""
     args = build_parser().parse_args(argv)
     validate(args)
+    problems = load_diagnostic_problems(args.benchmarks, args.bench_dir, args.problems)
     module = load_module(args.config, args.ckpt_path, args.model)
     module.to(args.device)
-    problems = load_diagnostic_problems(args.benchmarks, args.bench_dir, args.problems)
     rollouts = sample(module, problems, args)
     views, totals = score(module, problems, rollouts, args)
     write_outputs(args, module, problems, rollouts, views, totals)
@@ -144,7 +145,10 @@ def load_module(config: Path | None, ckpt_path: Path | None, model: str | None) 
     if model is not None:
         arguments["model_name_or_path"] = model
     arguments["teacher"] = "frozen"  # Decision (module docstring): the adapter-disabled teacher
-    module = EGRSDModule(**arguments)
+    try:
+        module = EGRSDModule(**arguments)
+    except TypeError as error:  # an unknown key in the model section
+        raise ValueError(f"--config {config}: model section: {error}") from None
     module.configure_model()
     if ckpt_path is not None:
         load_adapter(module, ckpt_path)
