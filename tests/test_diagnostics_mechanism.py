@@ -141,3 +141,16 @@ def test_densest_window() -> None:
     flags = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
     assert densest_window(flags, 3) == 2  # [0, 1, 1] at 2..4 and [1, 1, 0] at 3..5: the first wins
     assert densest_window(flags, 20) == 0
+
+
+def test_regime_table_says_why_the_selectivity_is_undefined() -> None:
+    from egrsd_pl.diagnostics.report import regime_table, selectivity_text
+
+    entropy, mask = _batch()
+    gates = token_gates(entropy, mask, gamma=0.3, window=2, entropy_max=10.0)
+    regime = classify_regimes(gates.entropy_hat, gates.entropy_cl_hat, mask, tau_low=0.1, tau_high=0.3)
+    assert selectivity_text(regime_stats(regime, gates.restore)) == "11.25×"  # 0.225 / 0.02
+    no_forks = regime_stats(torch.where(regime == FORK, MID, regime), gates.restore)
+    assert selectivity_text(no_forks) == "undefined (no fork tokens)"
+    table = regime_table(no_forks, tau_low=0.1, tau_high=0.3, gamma=0.3, window=2)
+    assert "| pivot | Ĥ ≥ 0.3 and Ĥ^CL ≤ 0.1 | 1 | 8.3% | +0.2250 |" in table

@@ -73,6 +73,14 @@ def decile_figure(stats: DecileStats, *, gamma: float) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- Fig. 4b
+def selectivity_text(stats: RegimeStats) -> str:
+    """``2.10×``, or why the ratio is undefined (no fork token, or forks not restored at all)."""
+    if int(stats.counts[FORK]) == 0:
+        return "undefined (no fork tokens)"
+    value = float(stats.selectivity)
+    return f"{value:.2f}×" if value == value else "undefined (fork restore 0)"
+
+
 def regime_table(stats: RegimeStats, *, tau_low: float, tau_high: float, gamma: float, window: int) -> str:
     """Markdown: share and mean restore ``ω^CL − ω`` per regime, and the pivot/fork selectivity."""
     rules = {
@@ -94,7 +102,7 @@ def regime_table(stats: RegimeStats, *, tau_low: float, tau_high: float, gamma: 
         )
     lines += [
         "",
-        f"Pivot/fork selectivity (mean restore at pivots / at forks): **{float(stats.selectivity):.2f}×** "
+        f"Pivot/fork selectivity (mean restore at pivots / at forks): **{selectivity_text(stats)}** "
         "(paper, γ 0.3, W 5: pivots 20.9 % of tokens, +0.111 vs +0.053, 2.1×; locks < 0.001).",
     ]
     return "\n".join(lines)
@@ -112,7 +120,7 @@ def regime_figure(stats: RegimeStats) -> Any:
     restores = [float(v) for v in stats.mean_restore]
     restore_axes.bar(REGIMES, restores, color=colors)
     restore_axes.set_ylabel("mean ω^CL − ω")
-    restore_axes.set_title(f"CL-EGRSD restore (pivot/fork {float(stats.selectivity):.2f}×)")
+    restore_axes.set_title(f"CL-EGRSD restore (pivot/fork: {selectivity_text(stats)})", fontsize=10)
     for axes, values, fmt in ((share_axes, shares, "{:.1f}"), (restore_axes, restores, "{:+.3f}")):
         for x, value in enumerate(values):
             axes.annotate(fmt.format(value), (x, value), ha="center", va="bottom", fontsize=8)
