@@ -154,3 +154,15 @@ def test_regime_table_says_why_the_selectivity_is_undefined() -> None:
     assert selectivity_text(no_forks) == "undefined (no fork tokens)"
     table = regime_table(no_forks, tau_low=0.1, tau_high=0.3, gamma=0.3, window=2)
     assert "| pivot | Ĥ ≥ 0.3 and Ĥ^CL ≤ 0.1 | 1 | 8.3% | +0.2250 |" in table
+
+
+def test_gates_equal_the_training_gate_exactly() -> None:
+    from egrsd_pl.losses import confidence_gate
+
+    torch.manual_seed(1)
+    entropy = torch.rand(3, 40) * 4  # [3, 40] nats
+    mask = torch.rand(3, 40) > 0.3
+    gates = token_gates(entropy, mask, gamma=0.7, window=3)
+    for window, gate in ((0, gates.omega), (3, gates.omega_cl)):
+        expected = confidence_gate(entropy, mask, gamma=0.7, window=window)
+        torch.testing.assert_close(gate[mask], expected[mask], rtol=0, atol=0)

@@ -86,14 +86,15 @@ def token_gates(
     entropy = teacher_entropy.float()  # [N, T]
     if entropy_max is None:
         entropy_max = masked_max(entropy, mask)
+    window_min = causal_window_min(entropy, mask, window)  # [N, T] H^CL, computed once
+    # confidence_gate(H, window=W) == confidence_gate(H^CL, window=0) at the same raw-entropy maximum.
     omega = confidence_gate(
         entropy, mask, gamma=gamma, window=0, floor=floor, entropy_max=entropy_max
     )  # [N, T]
     omega_cl = confidence_gate(
-        entropy, mask, gamma=gamma, window=window, floor=floor, entropy_max=entropy_max
+        window_min, mask, gamma=gamma, window=0, floor=floor, entropy_max=entropy_max
     )  # [N, T]
     entropy_hat = normalize_entropy(entropy, mask, entropy_max=entropy_max)  # [N, T]
-    window_min = causal_window_min(entropy, mask, window)  # [N, T]
     entropy_cl_hat = normalize_entropy(window_min, mask, entropy_max=entropy_max)  # [N, T]
     return TokenGates(entropy_hat, entropy_cl_hat, omega, omega_cl, omega_cl - omega)
 
@@ -157,11 +158,9 @@ def regime_stats(regime: Tensor, restore: Tensor) -> RegimeStats:
         :class:`RegimeStats`.
     """
     check_shape(restore, tuple(regime.shape), "restore")
-    valid = regime != PADDING  # [N, T]
-    codes = regime[valid]  # [M]
-    counts = torch.bincount(codes, minlength=len(REGIMES))  # [4]
-    sums = torch.zeros(len(REGIMES), dtype=torch.float64, device=regime.device)
-    sums.index_add_(0, codes, restore[valid].double())  # [4]
+    members = torch.stack([regime == code for code in range(len(REGIMES))])  # [4, N, T]
+    counts = members.sum(dim=(1, 2))  # [4]
+    sums = torch.where(members, restore.double(), 0.0).sum(dim=(1, 2))  # [4] float64 accumulation
     mean_restore = (sums / counts.clamp(min=1)).float()  # [4]
     shares = counts.float() / counts.sum().clamp(min=1)  # [4]
     fork = mean_restore[FORK]
