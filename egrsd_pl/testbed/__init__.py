@@ -6,6 +6,8 @@ chat template on synthetic arithmetic word problems, builds a ~0.5 M-parameter
 privileged (reference-solution) chains of thought, and saves an ordinary Hugging Face folder that
 ``from_pretrained`` and vLLM load. ``model_name_or_path: testbed:tiny`` in a config resolves to a
 cached build (``python -m egrsd_pl.testbed build`` makes it ahead of time).
+``testbed:qwen3-shape`` (:mod:`egrsd_pl.testbed.qwen3_shape`) is a random-weight model at Qwen3's
+vocabulary, special ids and chat template, for rehearsing the paper configs on CPU.
 """
 
 from egrsd_pl.testbed.build import (
