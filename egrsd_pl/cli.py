@@ -5,8 +5,9 @@ A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
 lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part of the algorithm
 (reward statistics, teacher schedule) and the pre-clip grad-norm monitor are always installed; their
 options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; checkpointing
-(``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what ``validate`` runs) are always
-there too.
+(``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what
+``validate`` runs) are always there too, as are the live mechanism diagnostics (``--diagnostics.*``, off unless
+enabled).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpoint import AdapterCheckpoint
+from callbacks.diagnostics import MechanismDiagnostics
 from callbacks.evaluation import PeriodicEvaluation
 from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
@@ -54,6 +56,8 @@ class EGRSDCLI(LightningCLI):
         # or --evaluation.at_end true.
         parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")
         parser.set_defaults({"evaluation.every_n_steps": 0, "evaluation.at_end": False})
+        # Live mechanism diagnostics (diag/*): off unless --diagnostics.enabled true.
+        parser.add_lightning_class_args(MechanismDiagnostics, "diagnostics")
 
 
 def build_cli(
