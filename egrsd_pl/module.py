@@ -33,6 +33,7 @@ from egrsd_pl.losses import (
     teacher_token_stats,
     token_kl,
 )
+from egrsd_pl.model_load import model_load_error
 from egrsd_pl.prompts import PackedBatch, PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,7 @@ class EGRSDModule(L.LightningModule):
                 trust_remote_code=hp.trust_remote_code,
             )
         except OSError as error:  # hub unreachable, unknown repo, missing files
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelPathError(
-                f"--model.model_name_or_path {hp.model_name_or_path!r}: {first_line}"
-            ) from error
+            raise ModelPathError(model_load_error(hp.model_name_or_path, self.model_path, error)) from error
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if hp.gradient_checkpointing:
