@@ -319,3 +319,20 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for bad in ("testbed:huge", "testbed:tiny?steps=3", "testbed:tiny?seed=x"):
         with pytest.raises(ValueError, match="testbed"):
             resolve_model_path(bad)
+
+
+def test_pyproject_ships_every_file_of_the_packaged_testbed() -> None:
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["egrsd_pl.testbed"]
+    package = root / "egrsd_pl" / "testbed"
+    shipped = [p.relative_to(package).as_posix() for p in build_module.PACKAGED_DIR.iterdir()]
+    assert {"model.safetensors", "tokenizer.json", "config.json", "testbed.json"} <= {
+        Path(p).name for p in shipped
+    }
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in shipped)
+    assert sum(p.stat().st_size for p in build_module.PACKAGED_DIR.iterdir()) < 3_000_000  # small: ~1.9 MB
