@@ -70,16 +70,15 @@ class EGRSDCLI(LightningCLI):
             "threads that wait for each other stall every operation",
         )
 
-    def before_instantiate_classes(self) -> None:
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Checks the accelerator and sets ``--torch_threads`` before anything heavy (the module and the
+        DataModule load nothing until ``fit``); adds :class:`StepProgressBar` unless the summary or the
+        bar is off, or one is given."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config, torch.cuda.is_available())
-        if config.get("torch_threads") is not None and config.torch_threads < 1:
-            raise ValueError(f"--torch_threads must be >= 1 or null, got {config.torch_threads}")
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Sets ``--torch_threads``; adds :class:`StepProgressBar` unless the summary or the bar is off, or one is given."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("torch_threads") is not None:
+            if config.torch_threads < 1:
+                raise ValueError(f"--torch_threads must be >= 1 or null, got {config.torch_threads}")
             torch.set_num_threads(config.torch_threads)
         trainer_config = self._get(self.config_init, "trainer", default={})
         given = trainer_config.get("callbacks") or []

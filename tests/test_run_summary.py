@@ -198,3 +198,14 @@ def test_hub_id_while_offline_says_so_and_how_to_use_a_folder(tmp_path: Path) ->
     )
     assert "(offline)" in last and "hf download Qwen/Qwen3-4B --local-dir DIR" in last
     assert "--model.model_name_or_path DIR" in last
+
+
+def test_torch_threads_knob_is_parsed_and_checked() -> None:
+    class ParseOnly(cli.EGRSDCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    assert build_cli(["--config", tiny], run=False, cli_class=ParseOnly).config.torch_threads == 1
+    with pytest.raises(ValueError, match="--torch_threads must be >= 1"):
+        build_cli(["--config", tiny, "--torch_threads", "0"], run=False)  # stops before the Trainer
