@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
-    """``train 12/60 [00:31<01:40, 2.6s/step, loss=..., reward=..., acc=...]``.
+    """``train: 20%|██  | 12/60 [00:31<02:05, 2.60s/step, loss=..., reward=..., acc=...]``.
 
     Lightning's bar counts batches of an epoch; the rollout DataModule's epoch has no length, so it
     showed ``Epoch 0/-2`` and no ETA. This one counts ``trainer.global_step`` against
@@ -19,6 +19,9 @@ class StepProgressBar(TQDMProgressBar):
     Args:
         refresh_rate: Redraw every this many batches (as Lightning's ``TQDMProgressBar``).
     """
+
+    # Lightning's format with ``rate_fmt``: "2.6s/step" when a step takes more than a second, not "0.38step/s".
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
@@ -41,8 +44,8 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is None or bar.disable or trainer.global_step == bar.n:
             return  # gradient accumulation: the step has not advanced
-        bar.update(trainer.global_step - bar.n)
-        bar.set_postfix(self.get_metrics(trainer, pl_module))
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.update(trainer.global_step - bar.n)  # redraws once, with this step's metrics
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
