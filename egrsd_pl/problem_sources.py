@@ -174,8 +174,8 @@ def load_problems_with_report(
         if limit is not None and len(problems) >= limit:
             break
     if report.rows_read == 0:
-        where = f"split {split!r} of {source}" if not Path(source).exists() else source
-        raise DatasetError(f"{where} is empty: it holds no rows (one problem per row is needed)")
+        named = source if Path(source).exists() else f"split {split!r} of {source}"
+        raise DatasetError(f"{named} is empty: it holds no rows (one problem per row is needed)")
     report.loaded = len(problems)
     if report.skipped:
         log.warning("%s (--data.skip_invalid)", report.summary())
