@@ -127,8 +127,7 @@ def first_last_table(history: Sequence[tuple[int, dict[str, float]]], window: in
         return ["no training step was logged"]
     n = max(1, min(window, len(history) // 2))
     first, last = history[:n], history[-n:]
-    span = lambda part: f"steps {part[0][0]}-{part[-1][0]}" if len(part) > 1 else f"step {part[0][0]}"  # noqa: E731
-    lines = [f"{'':28}{'first: ' + span(first):>20}{'last: ' + span(last):>20}"]
+    lines = [f"{'':28}{'first: ' + _span(first):>20}{'last: ' + _span(last):>20}"]
     for name, label, fmt in TRACKED:
         before = [v[name] for _, v in first if name in v]
         after = [v[name] for _, v in last if name in v]
@@ -222,6 +221,10 @@ def tensorboard_dir(trainer: pl.Trainer) -> str | None:
         if isinstance(logger, TensorBoardLogger):
             return str(Path(logger.save_dir) / str(logger.name))
     return None
+
+
+def _span(part: Sequence[tuple[int, dict[str, float]]]) -> str:
+    return f"steps {part[0][0]}-{part[-1][0]}" if len(part) > 1 else f"step {part[0][0]}"
 
 
 def _step_of(path: Path) -> int:
