@@ -7,6 +7,8 @@ privileged (reference-solution) chains of thought, and saves an ordinary Hugging
 ``from_pretrained`` and vLLM load. The build is deterministic, and the default one ships in the
 package (``egrsd_pl/testbed/tiny``): ``model_name_or_path: testbed:tiny`` in a config resolves to it;
 other budgets and seeds are built on first use and cached (``python -m egrsd_pl.testbed build``).
+``testbed:qwen3-shape`` (:mod:`egrsd_pl.testbed.qwen3_shape`) is a random-weight model at Qwen3's
+vocabulary, special ids and chat template, for rehearsing the paper configs on CPU.
 """
 
 from egrsd_pl.testbed.build import (

@@ -251,16 +251,21 @@ def differing_files(built: Path, reference: Path) -> list[str]:
 
 
 def resolve_model_path(name: str) -> str:
-    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1``) -> a testbed folder.
+    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1``) or ``testbed:qwen3-shape`` -> a folder.
 
-    The default (``testbed:tiny``) is the folder shipped in the package; other budgets and seeds are
-    built on first use and cached. Any other name (a hub id or a local folder) is returned unchanged.
+    The default (``testbed:tiny``) is the folder shipped in the package; other budgets and seeds, and
+    ``qwen3-shape``, are built on first use and cached. Any other name (a hub id or a local folder) is
+    returned unchanged.
     """
     if not name.startswith(TESTBED_SCHEME):
         return name
     model, _, query = name[len(TESTBED_SCHEME) :].partition("?")
+    if model == "qwen3-shape":  # random weights at Qwen3's shapes (egrsd_pl/testbed/qwen3_shape.py)
+        from egrsd_pl.testbed.qwen3_shape import resolve_qwen3_shape
+
+        return str(resolve_qwen3_shape(query))
     if model != "tiny":
-        raise ValueError(f"unknown testbed model {name!r}; the only one is 'testbed:tiny'")
+        raise ValueError(f"unknown testbed model {name!r}; use 'testbed:tiny' or 'testbed:qwen3-shape'")
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     unknown = set(options) - {"budget_s", "seed"}
     if unknown:
