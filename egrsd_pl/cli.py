@@ -105,7 +105,11 @@ def check_accelerator(config: Any, cuda_available: bool) -> None:
     if model.get("attn_implementation") == "flash_attention_2":
         changes.append("--model.attn_implementation sdpa")
     rehearsal = Path("configs/cpu_rehearsal.yaml")
-    also = f"; {rehearsal} rehearses the paper's recipe on the CPU" if rehearsal.is_file() else ""
+    also = (
+        f"; or add --config {rehearsal} after this config to rehearse it on the CPU"
+        if rehearsal.is_file()
+        else ""
+    )
     raise ValueError(
         f"this config asks for GPUs (--trainer.accelerator {trainer.get('accelerator')}) but torch sees no CUDA "
         f"device here. To run it on the CPU: {' '.join(changes)} (and a small model, e.g. "
