@@ -50,13 +50,15 @@ class RunSummary(pl.Callback):
         self.history: list[tuple[int, dict[str, float]]] = []  # (global step, tracked metrics)
         self._started = time.monotonic()
         self._first_step = 0
+        self._log_dir: str | None = None
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()
         self._first_step = trainer.global_step
+        self._log_dir = trainer.log_dir  # on every rank: under DDP the property is a broadcast
         if self.enabled and trainer.is_global_zero:
-            print(start_line(trainer, pl_module), flush=True)
+            print(start_line(trainer, pl_module, self._log_dir), flush=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step
@@ -92,7 +94,7 @@ class RunSummary(pl.Callback):
             f"({steps} in this run, {minutes} min {seconds:02d} s)",
         ]
         lines += first_last_table(self.history, self.window)
-        lines += evaluation_lines(report_dir(trainer), testbed_report(pl_module))
+        lines += evaluation_lines(report_dir(trainer, self._log_dir), testbed_report(pl_module))
         lines += checkpoint_lines(trainer)
         logger_dir = tensorboard_dir(trainer)
         if logger_dir is not None:
@@ -112,10 +114,10 @@ def describe_method(pl_module: pl.LightningModule) -> str:
     return f"{text} on {hp.get('model_name_or_path', '?')}"
 
 
-def start_line(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-    """The line printed when ``fit`` starts."""
+def start_line(trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None) -> str:
+    """The line printed when ``fit`` starts (``log_dir``: ``trainer.log_dir``, read on every rank)."""
     steps = f"{trainer.max_steps} steps" if trainer.max_steps > 0 else "no step limit"
-    where = f"; run folder {trainer.log_dir}" if trainer.log_dir else ""
+    where = f"; run folder {log_dir}" if log_dir else ""
     board = tensorboard_dir(trainer)
     watch = f"; watch it: tensorboard --logdir {board}" if board is not None else ""
     return f"egrsd: training {describe_method(pl_module)}, {steps}{where}{watch}"
@@ -137,13 +139,13 @@ def first_last_table(history: Sequence[tuple[int, dict[str, float]]], window: in
     return lines
 
 
-def report_dir(trainer: pl.Trainer) -> Path | None:
+def report_dir(trainer: pl.Trainer, log_dir: str | None) -> Path | None:
     """Folder of the evaluation reports of this run (``PeriodicEvaluation.report_dir`` or ``<log_dir>/eval``)."""
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, PeriodicEvaluation):
             if callback.report_dir is not None:
                 return Path(callback.report_dir)
-            return Path(trainer.log_dir or ".") / "eval"
+            return Path(log_dir or ".") / "eval"
     return None
 
 
