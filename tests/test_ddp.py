@@ -169,7 +169,7 @@ def run_main(workdir: Path, model_dir: str, *args: str) -> None:
 
 def run_in_process(workdir: Path, model_dir: str, *args: str) -> None:
     """The same run in this process (one device): no interpreter start-up, one torch thread."""
-    from egrsd_pl.cli import build_cli
+    from egrsd_cli import build_cli
 
     workdir.mkdir(parents=True, exist_ok=True)
     previous, threads = Path.cwd(), torch.get_num_threads()

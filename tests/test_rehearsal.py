@@ -40,7 +40,7 @@ from callbacks.evaluation import PeriodicEvaluation
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
-from egrsd_pl.cli import build_cli
+from egrsd_cli import build_cli
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem

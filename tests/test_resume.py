@@ -25,7 +25,7 @@ import torch
 from callbacks.checkpoint import adapter_dir
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
-from egrsd_pl.cli import build_cli
+from egrsd_cli import build_cli
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,6 +1,7 @@
 """The command line: ``python main.py fit --config configs/egrsd.yaml`` (also installed as ``egrsd``).
 
-A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
+The composition root: the only module that imports both :mod:`egrsd_pl` and :mod:`callbacks`, so the
+package never depends on the callbacks (they import the package, not the reverse). A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
 :class:`RolloutDataModule`. Every knob is a typed, documented constructor argument, so ``--help``
 lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part of the algorithm
 (reward statistics, teacher schedule) and the pre-clip grad-norm monitor are always installed; their
