@@ -210,7 +210,7 @@ def ensure_testbed(
     if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.with_name(target.name + ".lock")):
+    with exclusive_lock(target.with_name(target.name + ".lock")):
         if (target / _MARKER).is_file():
             return target
         if target.exists():  # left by something other than this function: not a complete testbed
@@ -280,7 +280,7 @@ def resolve_model_path(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # no POSIX locks (Windows): the atomic rename still protects the cache

@@ -17,12 +17,10 @@ unreachable ``<|qwen3_shape_filler_N|>`` entries), and the backbone is tiny (``h
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -31,6 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from egrsd_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_TRANSITION, REFERENCE_BEGIN, REFERENCE_END
+from egrsd_pl.testbed.build import exclusive_lock
 from egrsd_pl.testbed.qwen3_template import (
     QWEN3_ADDED_TOKENS,
     QWEN3_ADDITIONAL_SPECIAL_TOKENS,
@@ -211,7 +210,7 @@ def ensure_qwen3_shape(
     if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.with_name(target.name + ".lock")):
+    with exclusive_lock(target.with_name(target.name + ".lock")):
         if (target / _MARKER).is_file():
             return target
         if target.exists():
@@ -249,18 +248,3 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks (Windows): the atomic rename still protects the cache
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
