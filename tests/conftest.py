@@ -75,3 +75,13 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind() -> Any:
+    """A test whose Trainer ran a DDP strategy in this process (one rank, e.g. the paper configs' ``ddp``
+    in tests/test_rehearsal.py) leaves Lightning's default process group initialised; destroy it so the
+    next test (vLLM's in-process world-1 group, the DDP tests) starts from a clean process."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
