@@ -11,6 +11,8 @@ import pytest
 
 from egrsd_pl.compare import main
 from egrsd_pl.compare.aggregate import (
+    SeedStat,
+    difference,
     pareto_frontier,
     read_result,
     seed_stat,
@@ -18,7 +20,7 @@ from egrsd_pl.compare.aggregate import (
     token_efficiency,
 )
 from egrsd_pl.compare.methods import Method, MethodsError, check_methods, override_args, read_methods
-from egrsd_pl.compare.report import accuracy_table, efficiency_table, write_comparison
+from egrsd_pl.compare.report import accuracy_table, difference_table, efficiency_table, write_comparison
 from egrsd_pl.compare.runner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +72,8 @@ def test_seed_stat_is_mean_and_sample_std():
     assert seed_stat([60, 62, 64]) == (62.0, 2.0, 3)  # sqrt((4 + 0 + 4) / 2) = 2
     one = seed_stat([5.0])
     assert one.mean == 5.0 and math.isnan(one.std) and one.n == 1
+    assert difference(SeedStat(67, 2, 3), SeedStat(62, 8**0.5, 2)).se == pytest.approx(5.3333**0.5, abs=1e-4)
+    assert not difference(SeedStat(67, 2, 3), SeedStat(62, math.nan, 1)).separated
     assert token_efficiency(67.24, 11064) == pytest.approx(6.077, abs=1e-3)  # the paper's EGRSD Eff 6.08
 
 
@@ -106,6 +110,12 @@ def test_markdown_tables_hand_checked(tmp_path: Path):
     table5 = efficiency_table(summaries).splitlines()
     assert "| EGRSD | 3 | 67.00 ± 2.00 | 150.0 ± 0.0 | 446.67 ± 13.33 | ● |" in table5
     assert "| no-train | 2 | 62.00 ± 2.83 | 210.0 ± 14.1 | 295.45 ± 6.43 |  |" in table5
+    # Against no-train: EGRSD Acc 67 - 62 = +5, se sqrt(2²/3 + 2.828²/2) = sqrt(1.333 + 4) = 2.31 < 5/2;
+    # AvgLen 150 - 210 = -60, se sqrt(0/3 + 14.14²/2) = 10; Eff 446.67 - 295.45 = +151.21,
+    # se sqrt(13.33²/3 + 6.428²/2) = sqrt(59.26 + 20.66) = 8.94. GRPO has one seed: no se, no verdict.
+    differences = difference_table(summaries).splitlines()
+    assert "| EGRSD | +5.00 ± 2.31 * | -60.0 ± 10.0 * | +151.21 ± 8.94 * |" in differences
+    assert "| GRPO | +5.00 | -10.0 | +39.55 |" in differences  # Eff 67 / 0.2 = 335; 335 - 295.45
     paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=1, seeds=[0, 1, 2])
     data = json.loads(paths["json"].read_text())
     assert data["methods"]["egrsd"]["eff"]["mean"] == pytest.approx(446.6667, abs=1e-4)
@@ -144,8 +154,9 @@ def test_override_args_spell_yaml_values_for_the_cli():
 def test_shipped_methods_files_name_their_command_and_parse(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# egrsd compare --config configs/") and f"configs/compare/{path.name}" in first
-    if path.name == "tiny_eval.yaml":  # an overlay of the tiny config, not a methods file
-        assert check_methods(path, [Method("m", "m")], ["--config", TINY, "--config", str(path)]) is None
+    if path.name == "tiny.yaml":  # an overlay of configs/tiny_vllm.yaml, not a methods file
+        base = ["--config", str(ROOT / "configs" / "tiny_vllm.yaml"), "--config", str(path)]
+        assert check_methods(path, [Method("m", "m")], base) is None
         return
     from egrsd_pl.module import EGRSDModule
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +60,6 @@ def test_compare_two_methods_two_seeds_resumes(tiny_model_dir: Path, tmp_path: P
         result = json.loads((run / "eval" / label / "results.json").read_text())
         assert result["k"] == 2 and result["benchmarks"]["synthetic"]["num_samples"] == 3 * 2
     ckpt = runs["egrsd/seed_0"] / "checkpoints" / "last.ckpt"
-    import torch
-
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
     assert list((runs["egrsd/seed_0"]).glob("events.out.tfevents.*"))  # TensorBoard under DIR/runs
 
@@ -80,16 +79,22 @@ def test_compare_two_methods_two_seeds_resumes(tiny_model_dir: Path, tmp_path: P
     assert attempts(runs["egrsd/seed_1"]) == {"fit": 1, "validate": 1}
     assert attempts(runs["no_train/seed_1"]) == {"validate": 1}
 
-    (runs["egrsd/seed_1"] / "eval" / "last" / "results.json").unlink()
+    (runs["egrsd/seed_1"] / "eval" / "last" / "results.json").unlink()  # trained, not evaluated
+    (runs["egrsd/seed_0"] / "eval" / "last" / "results.json").unlink()  # as if fit were interrupted
+    (runs["egrsd/seed_0"] / "fit.done").unlink()
     printed = compare(*own, "--print-commands", *common)
     assert printed.returncode == 0, printed.stderr[-3000:]
     lines = printed.stdout.strip().splitlines()
-    assert len(lines) == 1 and " validate " in lines[0] and " fit " not in lines[0]  # fit.done: evaluate only
-    assert f"--evaluation.report_dir {runs['egrsd/seed_1'] / 'eval'}" in lines[0]
+    assert len(lines) == 2, lines  # exactly the two pending runs, seed 0 first
+    assert " fit " in lines[0] and " validate " in lines[0] and str(runs["egrsd/seed_0"]) in lines[0]
+    assert " fit " not in lines[1] and f"--evaluation.report_dir {runs['egrsd/seed_1'] / 'eval'}" in lines[1]
 
     third = compare(*own, *common)
     assert third.returncode == 0, third.stderr[-3000:]
     assert attempts(runs["egrsd/seed_1"]) == {"fit": 1, "validate": 2}
-    assert attempts(runs["egrsd/seed_0"]) == {"fit": 1, "validate": 1}
-    assert attempts(runs["no_train/seed_0"]) == {"validate": 1}
+    assert attempts(runs["egrsd/seed_0"]) == {"fit": 2, "validate": 2}
+    assert attempts(runs["no_train/seed_0"]) == attempts(runs["no_train/seed_1"]) == {"validate": 1}
+    second_fit = (runs["egrsd/seed_0"] / "fit.log").read_text().split("\n$ ")[-1]
+    assert "Restoring states from the checkpoint path" in second_fit  # continued from last.ckpt
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
     assert compare(*own, "--print-commands", *common).stdout == ""

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from egrsd_pl.compare.aggregate import MethodSummary, SeedStat, benchmarks_of, k_of, to_json
+from egrsd_pl.compare.aggregate import (
+    Difference,
+    MethodSummary,
+    SeedStat,
+    benchmarks_of,
+    difference,
+    k_of,
+    to_json,
+)
 
 
 def format_stat(value: SeedStat, digits: int = 2, *, thousands: bool = False) -> str:
@@ -51,6 +59,40 @@ def efficiency_table(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
+def format_difference(value: Difference, digits: int = 2) -> str:
+    """``+Δ ± se`` and ``*`` when the difference exceeds two standard errors."""
+    if math.isnan(value.delta):
+        return "—"
+    text = f"{value.delta:+.{digits}f}" + ("" if math.isnan(value.se) else f" ± {value.se:.{digits}f}")
+    return text + (" *" if value.separated else "")
+
+
+def difference_table(summaries: Sequence[MethodSummary]) -> str:
+    """Each method against the reference (the first untrained method, else the first with results):
+    Δ Acc, Δ AvgLen and Δ Eff with their standard errors; ``*`` marks |Δ| > 2 SE."""
+    finished = [s for s in summaries if s.runs]
+    if not finished:
+        return ""
+    reference = next((s for s in finished if not s.trained), finished[0])
+    lines = [
+        f"Against {reference.label} (Δ = method − {reference.label}, ± its standard error over seeds; "
+        "* where |Δ| > 2 SE):",
+        "",
+        "| Method | Δ Acc | Δ AvgLen | Δ Eff |",
+        "|---|---:|---:|---:|",
+    ]
+    for s in finished:
+        if s is reference:
+            continue
+        cells = [
+            format_difference(difference(s.avg, reference.avg)),
+            format_difference(difference(s.avg_len, reference.avg_len), 1),
+            format_difference(difference(s.eff, reference.eff)),
+        ]
+        lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparison_markdown(summaries: Sequence[MethodSummary], *, command: str, pending: int) -> str:
     """``comparison.md``: how it was produced, the two tables and how to read them."""
     k = k_of(summaries)
@@ -74,6 +116,10 @@ def comparison_markdown(summaries: Sequence[MethodSummary], *, command: str, pen
         "## Efficiency (Table 5)",
         "",
         efficiency_table(summaries),
+        "",
+        "## Differences beyond the seed spread",
+        "",
+        difference_table(summaries),
         "",
     ]
     return "\n".join(parts)
