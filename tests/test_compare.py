@@ -243,3 +243,18 @@ def test_commands_and_pending_runs(tmp_path: Path):
     assert runs[2].status() == "done" and plan.pending_commands(runs[2]) == []
     line = plan.shell_line(runs[1], Path("/some/where"))
     assert line.startswith("cd /some/where && python -m egrsd_pl validate ") and " fit " not in line
+
+
+def test_a_run_started_with_other_settings_is_not_reused(tmp_path: Path):
+    method = Method("egrsd", "EGRSD", overrides={"model.gamma": 0.3})
+    plan = Plan(config="configs/tiny.yaml", output=tmp_path, common=["--trainer.max_steps", "3"])
+    run = plan.runs([method], [0])[0]
+    run.directory.mkdir(parents=True)
+    run.settings_path.write_text(json.dumps(plan.settings(run)))
+    plan.check_settings([run])  # same command: resumes
+    other = Plan(config="configs/tiny.yaml", output=tmp_path, common=["--trainer.max_steps", "5"])
+    with pytest.raises(ValueError, match=r"egrsd/seed_0: started with other common .*another --output"):
+        other.check_settings([run])
+    changed = Method("egrsd", "EGRSD", overrides={"model.gamma": 0.5})
+    with pytest.raises(ValueError, match="started with other method"):
+        plan.check_settings(plan.runs([changed], [0]))

@@ -85,6 +85,7 @@ def _compare(args: argparse.Namespace, common: list[str], *, command: str) -> in
     runs = plan.runs(methods, args.seeds)
     if not args.collect:
         check_methods(args.methods, methods, plan.base_args())  # before any run
+        plan.check_settings(runs)
     if args.print_commands:
         for run in runs:
             if run.status() != "done":

@@ -4,6 +4,7 @@ Layout under the output folder ``DIR``::
 
     DIR/runs/<method>/seed_<s>/          TensorBoard events of the run (tensorboard --logdir DIR/runs)
         checkpoints/last.ckpt            ... and every checkpoint of the run, with its PEFT adapter
+        settings.json                    base config, overrides and seed the run was started with
         fit.done                         written when ``fit`` exited cleanly
         fit.log, validate.log            each subprocess's output (appended across attempts)
         validate/                        the evaluation's events and config
@@ -11,11 +12,13 @@ Layout under the output folder ``DIR``::
 
 A run is *done* when its ``results.json`` exists; a run with ``fit.done`` only needs its evaluation; any
 other run (re)starts ``fit`` with ``--ckpt_path last``, which continues from ``checkpoints/last.ckpt``
-when a previous attempt left one and starts afresh otherwise.
+when a previous attempt left one and starts afresh otherwise. A run whose ``settings.json`` differs from
+the current command (another base config, other overrides) is never resumed or reused: the command stops.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -53,6 +56,11 @@ class Run:
     @property
     def fit_done_path(self) -> Path:
         return self.directory / "fit.done"
+
+    @property
+    def settings_path(self) -> Path:
+        """``settings.json``: what the run was started with (base config, common and method overrides)."""
+        return self.directory / "settings.json"
 
     @property
     def last_checkpoint(self) -> Path:
@@ -136,6 +144,29 @@ class Plan:
         steps = [] if status == "evaluate" else [("fit", self.fit_command(run))]
         return [*steps, ("validate", self.validate_command(run))]
 
+    def settings(self, run: Run) -> dict[str, object]:
+        """What makes a run's results this run's: base config, common overrides, the method, the seed."""
+        method = {"fit": run.method.fit, "overrides": run.method.args()}
+        return {"config": self.config, "common": self.common, "method": method, "seed": run.seed}
+
+    def check_settings(self, runs: Sequence[Run]) -> None:
+        """Refuses to resume or reuse a run that was started with other settings.
+
+        Raises:
+            ValueError: Naming the run, its ``settings.json`` and what differs.
+        """
+        for run in runs:
+            if not run.settings_path.is_file():
+                continue
+            recorded, current = json.loads(run.settings_path.read_text()), self.settings(run)
+            changed = sorted(k for k in current if recorded.get(k) != current[k])
+            if changed:
+                raise ValueError(
+                    f"{run.name}: started with other {', '.join(changed)} ({run.settings_path}: "
+                    f"{ {k: recorded.get(k) for k in changed} }, now { {k: current[k] for k in changed} }); "
+                    "use another --output or delete that run's folder"
+                )
+
     def shell_line(self, run: Run, cwd: Path) -> str:
         """One line for a scheduler: ``cd CWD && <fit> && <validate>`` (only the pending steps)."""
         commands = [shlex.join(command) for _, command in self.pending_commands(run)]
@@ -156,6 +187,8 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
     bar = tqdm(total=len(pending), unit="run", desc="compare", disable=not progress, dynamic_ncols=True)
     try:
         for run in pending:
+            run.directory.mkdir(parents=True, exist_ok=True)
+            run.settings_path.write_text(json.dumps(plan.settings(run), indent=2) + "\n")
             for kind, command in plan.pending_commands(run):
                 bar.set_postfix_str(f"{run.name} {kind}")
                 log = run.directory / f"{kind}.log"
