@@ -30,6 +30,10 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egrsd compare",
+        usage="egrsd compare --config BASE.yaml --methods METHODS.yaml [--seeds S ...] --output DIR "
+        "[--only METHOD ...] [--print-commands | --collect] [--no-progress] [-- FIT_OVERRIDES ...]",
+        epilog="example: egrsd compare --config configs/tiny_vllm.yaml --methods configs/compare/paper.yaml "
+        "--seeds 0 1 2 --output comparisons/tiny -- --config configs/compare/tiny.yaml",
         description=(
             "Train and evaluate several methods over seeds and write the paper's comparison: "
             "comparison.md (Tables 2 and 5, mean ± std over seeds), comparison.json and frontier.png "
