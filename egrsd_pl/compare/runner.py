@@ -19,6 +19,7 @@ the current command (another base config, other overrides) is never resumed or r
 from __future__ import annotations
 
 import json
+import resource
 import shlex
 import subprocess
 import sys
@@ -206,13 +207,21 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
 
 
 def run_logged(command: Sequence[str], log: Path) -> int:
-    """Runs ``command`` with stdout and stderr appended to ``log`` (after a header with the command);
-    returns its exit status."""
+    """Runs ``command`` with stdout and stderr appended to ``log`` (after a header with the command; a
+    footer with its wall and CPU time: on a shared machine the CPU time is what the run would take on idle
+    cores, up to its parallelism); returns its exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as handle:
         handle.write(f"\n$ {shlex.join(command)}\n# started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        started = time.monotonic()
+        started, cpu = time.monotonic(), _children_cpu_s()
         status = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
-        handle.write(f"# exit status {status} after {time.monotonic() - started:.1f} s\n")
+        wall, cpu = time.monotonic() - started, _children_cpu_s() - cpu
+        handle.write(f"# exit status {status} after {wall:.1f} s ({cpu:.1f} s of CPU)\n")
     return status
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children (their own children included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
