@@ -18,16 +18,18 @@ from egrsd_pl.evaluation import (
     EvalResult,
     FrontierPoint,
     PromptSource,
+    benchmark_repeats,
     evaluate,
     figure_to_rgb,
     format_table,
     frontier_figure,
     load_benchmarks,
     load_history,
+    longest_prompt_tokens,
     write_report,
 )
 from egrsd_pl.problem import Problem
-from egrsd_pl.rollout.base import RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.base import RolloutEngine, SamplingConfig, check_sequence_fits, model_context_length
 
 
 class PeriodicEvaluation(pl.Callback):
@@ -42,6 +44,13 @@ class PeriodicEvaluation(pl.Callback):
     (step, Avg., AvgLen) is kept in the checkpoint, so the plane spans every evaluated checkpoint
     across resumes; reports already in ``report_dir`` are added to it.
 
+    Lengths: before anything is generated (``on_fit_start`` when it evaluates during ``fit``,
+    ``on_validation_start`` under ``validate``) the benchmarks are loaded and the longest evaluation
+    prompt plus ``max_new_tokens`` is checked against the model's context and the engine's cap, then
+    reserved on the engine (a vLLM engine with ``max_model_len: null`` is sized to hold it), so the
+    32,768-token protocol is never cut at the training engine's length. A request that cannot fit
+    stops the run with one line naming ``--evaluation.max_new_tokens``.
+
     What it takes from the run (duck-typed, nothing else):
         - ``pl_module.policy``: the model to evaluate (PEFT student, adapter active);
         - ``pl_module.prompt_builder``: ``student_prompt_ids(problem) -> list[int]`` (thinking on);
@@ -54,7 +63,8 @@ class PeriodicEvaluation(pl.Callback):
 
     Args:
         benchmarks: Benchmarks by short name or as :class:`~egrsd_pl.evaluation.Benchmark` (with
-            ``limit`` for quick checks); ``None``: the paper's six.
+            ``limit`` for quick checks, ``repeats`` for independent runs reported as mean ± std);
+            ``None``: the paper's six.
         bench_dir: Folder of ``<name>.jsonl`` for short names (e.g. ``../shared/data/bench``);
             ``None``: hub datasets.
         every_n_steps: Evaluate after every ``every_n_steps``-th optimizer step; 0 disables it.
@@ -115,6 +125,7 @@ class PeriodicEvaluation(pl.Callback):
         self.history: list[FrontierPoint] = []
         self.last_evaluated_step = -1
         self._problems: dict[str, list[Problem]] | None = None
+        self._longest_prompt: int | None = None
         self._checkpoint_step: int | None = None
 
     def should_evaluate(self, step: int) -> bool:
@@ -122,6 +133,34 @@ class PeriodicEvaluation(pl.Callback):
         calls the batch hook several times with the same ``step``)."""
         periodic = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         return periodic and step != self.last_evaluated_step
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps > 0 or self.at_end:
+            self.prepare(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self.prepare(trainer, pl_module)
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Loads the benchmarks, checks that the longest prompt plus ``max_new_tokens`` fits the model and
+        the engine, and reserves that length on the engine (before it starts, if it has not yet)."""
+        if self._problems is None:
+            self._problems = load_benchmarks(self.benchmarks, self.bench_dir)
+        if self._longest_prompt is None:
+            builder = cast(PromptSource, pl_module.prompt_builder)
+            self._longest_prompt = longest_prompt_tokens(builder, self._problems)
+        engine = _module_engine(trainer, pl_module, start=False)
+        new_tokens = self.sampling.max_new_tokens
+        check_sequence_fits(
+            self._longest_prompt,
+            new_tokens,
+            model_context=model_context_length(pl_module.policy),
+            engine_limit=engine.max_sequence_length(),
+            new_tokens_flag="--evaluation.max_new_tokens",
+            prompt_name="the longest evaluation prompt",
+        )
+        engine.reserve_length(self._longest_prompt + new_tokens)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.should_evaluate(trainer.global_step):
@@ -146,9 +185,9 @@ class PeriodicEvaluation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, step: int, label: str | None = None
     ) -> EvalResult:
         """Evaluates the current policy on every rank, logs and writes the report; returns the result."""
-        engine = _module_engine(trainer, pl_module)
-        if self._problems is None:
-            self._problems = load_benchmarks(self.benchmarks, self.bench_dir)
+        self.prepare(trainer, pl_module)
+        assert self._problems is not None
+        engine = _module_engine(trainer, pl_module, start=True)
         engine.sync_policy(pl_module.policy, step)
         with torch.no_grad():
             result = evaluate(
@@ -157,6 +196,7 @@ class PeriodicEvaluation(pl.Callback):
                 self._problems,
                 sampling=self.sampling,
                 verifier=getattr(trainer.datamodule, "verifier", None),  # type: ignore[attr-defined]
+                repeats=benchmark_repeats(self.benchmarks),
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 prompts_per_call=self.prompts_per_call,
@@ -203,9 +243,9 @@ class PeriodicEvaluation(pl.Callback):
         self._checkpoint_step = checkpoint.get("global_step")
 
 
-def _module_engine(trainer: pl.Trainer, pl_module: pl.LightningModule) -> RolloutEngine:
-    """The run's rollout engine, set up: ``pl_module.engine``, else ``trainer.datamodule.engine``
-    (after ``trainer.datamodule.ensure_engine(pl_module)`` when the DataModule sets it up lazily)."""
+def _module_engine(trainer: pl.Trainer, pl_module: pl.LightningModule, *, start: bool) -> RolloutEngine:
+    """The run's rollout engine: ``pl_module.engine``, else ``trainer.datamodule.engine`` (with ``start``,
+    after ``trainer.datamodule.ensure_engine(pl_module)`` when the DataModule sets it up lazily)."""
     for name in ("policy", "prompt_builder"):
         if getattr(pl_module, name, None) is None:
             raise RuntimeError(f"PeriodicEvaluation needs `pl_module.{name}` (see the callback's docstring)")
@@ -217,6 +257,6 @@ def _module_engine(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Rollou
         raise RuntimeError(
             "PeriodicEvaluation needs a rollout engine: `pl_module.engine` or `datamodule.engine`"
         )
-    if hasattr(datamodule, "ensure_engine"):
+    if start and hasattr(datamodule, "ensure_engine"):
         datamodule.ensure_engine(pl_module)
     return datamodule.engine

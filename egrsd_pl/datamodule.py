@@ -19,11 +19,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from egrsd_pl.problem_sources import load_problems
+from egrsd_pl.losses import ObjectiveSpec
 from egrsd_pl.problem import Problem
-from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
+from egrsd_pl.problem_sources import load_problems
+from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
-from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.base import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    check_sequence_fits,
+    model_context_length,
+)
 from egrsd_pl.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,8 @@ class RolloutBatch:
         correct: ``[N]`` bool verification results.
         group_ids: ``[N]`` long index of each rollout's problem in the batch (GRPO groups).
         student: Student prompt + completion, packed (``sft``: + reference solution).
-        teacher: Privileged teacher prompt + the same completion ids (``None`` for ``sft``).
+        teacher: Teacher prompt (privileged, or CRISP's concise one) + the same completion ids
+            (``None`` for ``sft``).
         rollout_seconds: Wall time spent generating.
     """
 
@@ -157,6 +165,9 @@ class RolloutDataModule(L.LightningDataModule):
         verify_workers: Processes verifying answers in parallel (math-verify runs out of process so its
             time limits hold in any thread).
         verify_timeout_s: Seconds one answer may take before it is scored wrong (and counted).
+        crisp_instruction: The conciseness instruction of CRISP's teacher (``--model.objective crisp``
+            only), prepended to the student's prompt as a system turn; the default is our own wording of
+            CRISP's intent (see README to paste the authors' text).
     """
 
     if TYPE_CHECKING:
@@ -185,8 +196,11 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
         verify_workers: int = 1,
         verify_timeout_s: float = 5.0,
+        crisp_instruction: str = DEFAULT_CONCISE_INSTRUCTION,
     ) -> None:
         super().__init__()
+        if not crisp_instruction.strip():
+            raise ValueError("--data.crisp_instruction must be a non-empty instruction")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be >= 1, got {batch_size}")
         if length_beta < 0:
@@ -237,7 +251,10 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         builder = self._prompt_builder()
-        kept = [p for p in self.problems if self._fits(builder, p)]
+        spec: ObjectiveSpec = self._module().objective_spec
+        teacher_lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
+        budget = self.hparams.max_length - self.hparams.max_new_tokens
+        kept = [p for p, n in zip(self.problems, teacher_lengths, strict=True) if n <= budget]
         self.num_skipped_long = len(self.problems) - len(kept)
         if self.num_skipped_long:
             log.warning(
@@ -249,6 +266,7 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if not kept:
             raise ValueError(f"no training problem fits --data.max_length {self.hparams.max_length}")
+        self.check_lengths(builder, kept, longest_teacher=max(n for n in teacher_lengths if n <= budget))
         trainer = self.trainer
         self._sampler = ResumableShardSampler(
             len(kept),
@@ -276,13 +294,40 @@ class RolloutDataModule(L.LightningDataModule):
         """One placeholder batch: ``validate`` runs avg@K evaluation in ``callbacks.PeriodicEvaluation``."""
         return DataLoader(cast(Dataset[int], [0]), batch_size=1)
 
-    def _fits(self, builder: PromptBuilder, problem: Problem) -> bool:
-        length = len(builder.teacher_prompt_ids(problem.problem, problem.solution))
-        return length + self.hparams.max_new_tokens <= self.hparams.max_length
+    def check_lengths(
+        self, builder: PromptBuilder, problems: Sequence[Problem], *, longest_teacher: int
+    ) -> None:
+        """Before any rollout, the longest student prompt + ``max_new_tokens`` must fit the engine and the
+        model's context (then the engine reserves it), the longest teacher prompt + ``max_new_tokens``
+        the model's context; else :class:`~egrsd_pl.rollout.base.SequenceTooLongError` names the flag."""
+        context = model_context_length(getattr(self._module(), "policy", None))
+        new_tokens, flag = self.hparams.max_new_tokens, "--data.max_new_tokens"
+        student = max(len(builder.student_prompt_ids(p.problem)) for p in problems)
+        for prompt, name, limit in (
+            (longest_teacher, "the longest teacher prompt kept by --data.max_length", None),
+            (student, "the longest student prompt", self.engine.max_sequence_length()),
+        ):
+            check_sequence_fits(
+                prompt,
+                new_tokens,
+                model_context=context,
+                engine_limit=limit,
+                new_tokens_flag=flag,
+                prompt_name=name,
+            )
+        self.engine.reserve_length(student + new_tokens)
+
+    def teacher_prompt_ids(self, builder: PromptBuilder, spec: ObjectiveSpec, problem: Problem) -> list[int]:
+        """The objective's teacher prompt: CRISP's concise one, or problem + reference solution."""
+        if spec.teacher_prompt == "concise":
+            return builder.concise_teacher_prompt_ids(problem.problem, self.hparams.crisp_instruction)
+        return builder.teacher_prompt_ids(problem.problem, problem.solution)
+
+    def _module(self) -> Any:
+        return self.trainer.lightning_module if self.trainer else None
 
     def _prompt_builder(self) -> PromptBuilder:
-        module = self.trainer.lightning_module if self.trainer else None
-        builder = getattr(module, "prompt_builder", None)
+        builder = getattr(self._module(), "prompt_builder", None)
         if builder is None:
             raise RuntimeError("RolloutDataModule needs a module with a `prompt_builder` (EGRSDModule)")
         return builder
@@ -330,7 +375,7 @@ class RolloutDataModule(L.LightningDataModule):
         rewards, correct = self.score(problems, rollouts)
         completions = [list(r.completion_ids) for r in rollouts]
         owners = [problems[r.prompt_index] for r in rollouts]
-        teacher_prompts = [builder.teacher_prompt_ids(p.problem, p.solution) for p in owners]
+        teacher_prompts = [self.teacher_prompt_ids(builder, module.objective_spec, p) for p in owners]
         return RolloutBatch(
             problems=list(problems),
             rollouts=rollouts,
@@ -345,19 +390,23 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
-        """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``."""
+        """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``.
+
+        Decision (SPEC.md step 2, truncated rollouts): a completion cut at ``L_max`` is verified like
+        any other. The verifier reads the last ``\\boxed{}`` after the last ``</think>``, so a truncated
+        completion still inside its thinking, or without a closed box, has no answer and gets
+        ``r = 0`` ("truncated-without-answer"); one cut after its final boxed answer was already
+        written is scored on that answer (``r = 1 + β_L · (1 − L_max / L_max) = 1`` when correct).
+        The avg@K evaluation applies the same rule (:func:`egrsd_pl.evaluation.evaluate`).
+        """
         if self.verifier is None:
             self.verifier = self._new_verifier()
         golds = [problems[r.prompt_index].answer for r in rollouts]
-        verdicts = self.verifier.verify_batch([r.text for r in rollouts], golds)
-        # A truncated completion has no final answer by construction; it still gets r = 0 via its verdict.
+        correct = [bool(ok) for ok in self.verifier.verify_batch([r.text for r in rollouts], golds)]
         rewards = [
-            length_shaped_reward(
-                ok and not r.truncated, r.length, self.sampling.max_new_tokens, self.hparams.length_beta
-            )
-            for ok, r in zip(verdicts, rollouts, strict=True)
+            length_shaped_reward(ok, r.length, self.sampling.max_new_tokens, self.hparams.length_beta)
+            for ok, r in zip(correct, rollouts, strict=True)
         ]
-        correct = [ok and not r.truncated for ok, r in zip(verdicts, rollouts, strict=True)]
         return torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool)
 
     def ensure_engine(self, module: Any) -> None:

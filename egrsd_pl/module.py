@@ -54,7 +54,7 @@ class EGRSDModule(L.LightningModule):
     Args:
         model_name_or_path: Base model: a local HF folder, a hub id (``Qwen/Qwen3-4B``) or
             ``testbed:tiny`` (the offline tiny Qwen3, built and cached on first use).
-        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd`` or ``cl_egrsd`` (SPEC.md table).
+        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd`` or ``crisp`` (SPEC.md).
         gamma: Confidence-gate strength ``γ`` (paper: 0.3; 1.0 for CL-EGRSD on 8B). Ignored by
             ``rlsd``, which is ``egrsd`` at ``γ = 0``.
         window: Causal look-ahead ``W`` of ``cl_egrsd`` (paper: 3 on 4B, 5 on 8B); must be 0 for
@@ -115,7 +115,7 @@ class EGRSDModule(L.LightningModule):
         log_text_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
-        _validate(objective=objective, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor)
+        _validate(objective, teacher, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor)
         if lora_rank < 1:
             raise ValueError(f"--model.lora_rank must be >= 1, got {lora_rank}")
         if learning_rate <= 0:
@@ -245,16 +245,14 @@ class EGRSDModule(L.LightningModule):
     # ------------------------------------------------------------ algorithm
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
         spec, hp = self.objective_spec, self.hparams
-        student = batch.student
-        mask = student.completion_mask  # [N, T]
+        student, mask = batch.student, batch.student.completion_mask  # mask [N, T]
         weight = self.policy.get_output_embeddings().weight  # [V, D]
         # Step 3: sequence-level advantage (running statistics or GRPO group baseline).
         advantages = self.advantages(batch) if spec.advantage != "none" else None  # [N]
         # Step 4: student forward with grad, projected at completion positions only.
         student_hidden = self.completion_hidden(student)  # [N, T, D]
-        student_logp = student_token_logprobs(
-            student_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size, mask=mask
-        )  # [N, T]
+        chunks: dict[str, Any] = {"chunk_size": hp.logit_chunk_size, "mask": mask}  # [N, T] outputs
+        student_logp = student_token_logprobs(student_hidden, weight, student.completion_ids, **chunks)
         teacher_logp = teacher_entropy = kl = entropy_max = None
         if spec.teacher != "none":
             assert batch.teacher is not None
@@ -263,14 +261,12 @@ class EGRSDModule(L.LightningModule):
             if spec.teacher == "token_stats":
                 # Step 5: teacher entropy and sampled-token log-prob, float32, chunked.
                 teacher_logp, teacher_entropy = teacher_token_stats(
-                    teacher_hidden, weight, student.completion_ids, chunk_size=hp.logit_chunk_size, mask=mask
+                    teacher_hidden, weight, student.completion_ids, **chunks
                 )  # [N, T], [N, T]
                 # Step 7 (scope): the batch maximum of the raw entropies, per device or all ranks.
                 entropy_max = self.entropy_max(teacher_entropy, mask)
-            else:
-                kl = token_kl(
-                    student_hidden, teacher_hidden, weight, chunk_size=hp.logit_chunk_size, mask=mask
-                )  # [N, T]
+            else:  # opsd: forward KL(p_T || p_θ); crisp: reverse KL(p_θ || p_T)
+                kl = token_kl(student_hidden, teacher_hidden, weight, direction=spec.kl_direction, **chunks)
         # Steps 6–11: window minimum, normalisation, gate, magnitude, token advantage, masked mean.
         loss, stats = compute_objective(
             hp.objective,
@@ -414,9 +410,13 @@ class EGRSDModule(L.LightningModule):
         experiment.add_text("rollout/sample", text, self.global_step)
 
 
-def _validate(*, objective: str, gamma: float, window: int, eps: float, omega_floor: float) -> None:
+def _validate(
+    objective: str, teacher: str, *, gamma: float, window: int, eps: float, omega_floor: float
+) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"--model.objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    if OBJECTIVES[objective].moving_teacher and teacher == "frozen":
+        raise ValueError(f"--model.objective {objective} needs --teacher.schedule hard_copy, not frozen")
     if gamma < 0:
         raise ValueError(f"--model.gamma must be >= 0, got {gamma}")
     if window < 0:

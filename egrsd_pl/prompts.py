@@ -14,6 +14,9 @@ paper builds on (one user message: problem, fenced reference solution, transitio
 a user / assistant(reference) / user(transition) layout would present ``s*`` as the model's own
 earlier answer, which neither the paper nor OPSD does. The user turn starts with the student's
 problem text and ends with the student's instruction, so the teacher only *adds* context.
+
+CRISP's teacher (SPEC "CRISP") sees no solution: its prompt is the student's prompt with a
+conciseness instruction prepended (:meth:`PromptBuilder.concise_teacher_prompt_ids`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ DEFAULT_TRANSITION = (
 REFERENCE_HEADER = "Here is a reference solution to this problem:"
 REFERENCE_BEGIN = "=== Reference Solution Begin ==="
 REFERENCE_END = "=== Reference Solution End ==="
+# Our own wording of CRISP's intent (SPEC "CRISP"); --data.crisp_instruction replaces it.
+DEFAULT_CONCISE_INSTRUCTION = (
+    "Solve the problem concisely and correctly. Be direct: no unnecessary elaboration, no redundant "
+    "steps, no restating of the problem. Write only the key reasoning steps."
+)
 
 
 class PromptBuilder:
@@ -93,6 +101,37 @@ class PromptBuilder:
             raise ValueError("the teacher prompt needs a non-empty reference solution")
         return self._chat_ids(self.teacher_message(problem, solution), thinking=self.teacher_thinking)
 
+    def concise_teacher_prompt_ids(
+        self, problem: str, instruction: str = DEFAULT_CONCISE_INSTRUCTION
+    ) -> list[int]:
+        """CRISP's teacher prompt: a system turn holding ``instruction``, then the student's prompt.
+
+        No reference solution and no gold answer. The student's prompt ids (user turn and generation
+        prompt, with the *student's* ``enable_thinking``) are the exact tail of these ids, so the teacher
+        only adds the instruction in front.
+
+        Decision: the instruction is prepended as a system turn rather than inside the user turn, so the
+        student's prompt stays token-for-token what the student saw (CRISP prepends it to the prompt).
+
+        Raises:
+            ValueError: On an empty instruction, or a chat template that does not render a system turn
+                in front of the unchanged user turn.
+        """
+        if not instruction.strip():
+            raise ValueError("the CRISP teacher prompt needs a non-empty conciseness instruction")
+        student = self.student_prompt_ids(problem)
+        messages = [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": self.student_message(problem)},
+        ]
+        ids = self._chat_ids(messages, thinking=self.student_thinking)
+        if len(ids) <= len(student) or ids[-len(student) :] != student:
+            raise ValueError(
+                "the tokenizer's chat template does not render a system turn in front of the unchanged user "
+                "turn: the CRISP teacher prompt cannot hold the student prompt as it is"
+            )
+        return ids
+
     def sft_target_ids(self, solution: str) -> list[int]:
         """The reference solution as the student's completion, ending with ``<|im_end|>``.
 
@@ -112,9 +151,11 @@ class PromptBuilder:
             text = solution
         return [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
 
-    def _chat_ids(self, message: str, *, thinking: bool) -> list[int]:
+    def _chat_ids(self, message: str | list[dict[str, str]], *, thinking: bool) -> list[int]:
+        """Ids of one user turn (or of the given messages) through the chat template."""
+        messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}],
+            messages,
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=thinking,

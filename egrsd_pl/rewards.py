@@ -130,7 +130,7 @@ def length_shaped_reward(correct: bool, length: int, max_length: int, beta: floa
     """SPEC.md step 2: ``r = 1[correct] · (1 + β · (1 − length / max_length))``.
 
     Args:
-        correct: Whether the completion's answer is right (truncated or unverifiable: ``False``).
+        correct: Whether the completion's final boxed answer is right (none or unverifiable: ``False``).
         length: Completion length ``|y|`` in tokens, in ``[0, max_length]``.
         max_length: ``L_max``, the completion cap (paper: 1,024).
         beta: ``β_L`` (paper: 0.5); 0 gives the plain 0/1 reward.
@@ -144,9 +144,7 @@ def length_shaped_reward(correct: bool, length: int, max_length: int, beta: floa
         raise ValueError(f"length must be in [0, max_length={max_length}], got {length}")
     if not beta >= 0:  # also rejects NaN
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if not correct:
-        return 0.0
-    return 1.0 + beta * (1.0 - length / max_length)
+    return 1.0 + beta * (1.0 - length / max_length) if correct else 0.0
 
 
 def verify_answer(completion: str, gold: str) -> bool:

@@ -24,6 +24,14 @@ from callbacks.teacher_update import TeacherUpdate
 # ---------------------------------------------------------------- teacher schedule
 
 
+def test_crisp_schedule_refreshes_after_steps_50_and_100():
+    # CRISP's M = 50 over the paper's 100 steps: steps 1-50 use theta_0, steps 51-100 use theta_50.
+    assert [s for s in range(0, 101) if TeacherUpdate("hard_copy", every_k_steps=50).should_update(s)] == [
+        50,
+        100,
+    ]
+
+
 def test_should_update_frozen_never_ema_every_step_hard_copy_at_multiples_of_k():
     steps = range(0, 13)
     assert [s for s in steps if TeacherUpdate("frozen").should_update(s)] == []

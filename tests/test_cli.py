@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from egrsd_pl.cli import EGRSDCLI, build_cli
+from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/compare/ holds methods files of `egrsd compare` (checked in tests/test_compare.py), not fit configs.
@@ -30,7 +31,24 @@ def test_every_config_parses_and_names_its_command(config: Path):
     first_line = config.read_text().splitlines()[0]
     assert first_line == f"# python main.py fit --config {config.relative_to(ROOT)}"
     parsed = parse("--config", str(config))
-    assert parsed.model.objective in {"sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd"}
+    assert parsed.model.objective in {"sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"}
+
+
+@pytest.mark.parametrize("config", ["crisp.yaml", "qwen3_8b/crisp.yaml"])
+def test_crisp_configs_refresh_every_50_steps_with_the_default_instruction(config: str):
+    cfg = parse("--config", str(ROOT / "configs" / config))
+    assert cfg.model.objective == "crisp"
+    assert (cfg.teacher.schedule, cfg.teacher.every_k_steps, cfg.model.teacher) == (
+        "hard_copy",
+        50,
+        "hard_copy",
+    )
+    assert cfg.data.crisp_instruction == DEFAULT_CONCISE_INSTRUCTION  # the YAML's folded text, verbatim
+    # The shared protocol, not CRISP's own recipe (README "CRISP").
+    assert (cfg.model.lora_rank, cfg.model.learning_rate, cfg.trainer.gradient_clip_val) == (64, 5e-6, 0.1)
+    assert (cfg.data.max_new_tokens, cfg.data.temperature) == (1024, 1.1)
+    other = parse("--config", str(ROOT / "configs" / config), "--data.crisp_instruction", "Be brief.")
+    assert other.data.crisp_instruction == "Be brief."
 
 
 def test_paper_recipe_values():
@@ -80,6 +98,22 @@ def test_cl_egrsd_without_window_is_one_clear_line(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --model.objective cl_egrsd needs --model.window > 0 (paper: 3 on 4B, 5 on 8B)"
+    )
+
+
+def test_crisp_with_a_frozen_teacher_is_one_clear_line(tmp_path: Path):
+    result = run_main(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.objective",
+        "crisp",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --model.objective crisp needs --teacher.schedule hard_copy, not frozen"
     )
 
 

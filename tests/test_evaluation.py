@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from callbacks import PeriodicEvaluation
 from egrsd_pl.evaluation import (
     PAPER_BENCHMARKS,
+    REPEAT_SEED_STRIDE,
     Benchmark,
     BenchmarkMetric,
     BenchmarkScores,
@@ -128,7 +129,8 @@ def test_overall_avg_avg_len_eff_are_macro_means() -> None:
     scalars = result.scalars()
     assert scalars["eval/a/avg@4"] == 50.0 and scalars["eval/b/pass@4"] == 100.0
     assert scalars["eval/b/len"] == 1895.0 and scalars["eval/eff"] == pytest.approx(75.0)
-    assert set(scalars) == {f"eval/{b}/{m}" for b in "ab" for m in ("avg@4", "pass@4", "len")} | {
+    metrics = ("avg@4", "pass@4", "len", "truncated")
+    assert set(scalars) == {f"eval/{b}/{m}" for b in "ab" for m in metrics} | {
         "eval/avg",
         "eval/avg_len",
         "eval/eff",
@@ -210,8 +212,8 @@ def test_evaluate_reduces_across_two_gloo_ranks() -> None:
     # rank 0 scores problems 0, 2 (+ "tiny" 0), rank 1 problem 1; the reduced scores are the global ones.
     expected_bench = (50.0, pytest.approx(200 / 3), 105.0, pytest.approx(100 / 12), 3, 12)
     for _, scores, _ in outputs:
-        assert scores["bench"] == expected_bench
-        assert scores["tiny"] == (0.0, 0.0, 25.0, 0.0, 1, 4)  # gold "z" never answered; (10+20+30+40) / 4
+        assert scores["bench"][:6] == expected_bench
+        assert scores["tiny"][:6] == (0.0, 0.0, 25.0, 0.0, 1, 4)  # gold "z" never answered; (10+20+30+40) / 4
     assert [n for _, _, n in outputs] == [8 + 4, 4]
 
 
@@ -242,7 +244,7 @@ def test_callback_config_parses_from_yaml() -> None:
         yaml.safe_load(
             """
             evaluation:
-              benchmarks: [aime24, {name: math500, limit: 5}]
+              benchmarks: [aime24, {name: math500, limit: 5}, {name: aime25, repeats: 5}]
               bench_dir: ../shared/data/bench
               every_n_steps: 10
               k: 2
@@ -250,7 +252,7 @@ def test_callback_config_parses_from_yaml() -> None:
         )
     )
     callback = parser.instantiate_classes(config).evaluation
-    assert callback.benchmarks == ["aime24", Benchmark("math500", limit=5)]
+    assert callback.benchmarks == ["aime24", Benchmark("math500", limit=5), Benchmark("aime25", repeats=5)]
     assert (callback.every_n_steps, callback.sampling.num_rollouts, callback.sampling.top_p) == (10, 2, 0.95)
     assert callback.sampling.max_new_tokens == 32768 and callback.sampling.temperature == 1.0
 
@@ -299,9 +301,9 @@ def _result(rank: int = 0, world_size: int = 1) -> EvalResult:
 
 def test_format_table_rows() -> None:
     table = format_table(_result())
-    assert "| benchmark | problems | avg@4 | pass@4 | length | truncated |" in table
-    assert "| bench | 3 | 50.00 | 66.67 | 105 | 8.3% |" in table
-    assert "| **Avg.** | 3 | 50.00 | | 105 | |" in table
+    assert "| benchmark | problems | runs | avg@4 | pass@4 | length | truncated |" in table
+    assert "| bench | 3 | 1 | 50.00 | 66.67 | 105 | 8.3% |" in table
+    assert "| **Avg.** | 3 | | 50.00 | | 105 | |" in table
     assert "Eff = Acc(%) / (AvgLen / 1000) = 476.19" in table  # 50 / 0.105
 
 
@@ -312,7 +314,7 @@ def test_write_report_files_and_history(tmp_path: Path) -> None:
     assert (summary["label"], summary["step"], summary["k"], summary["avg"]) == ("step_000020", 20, 4, 50.0)
     assert summary["benchmarks"]["bench"]["pass_at_k"] == pytest.approx(200 / 3)
     assert summary["sampling"]["top_p"] == 0.95
-    assert "| bench | 3 | 50.00 |" in paths["markdown"].read_text()
+    assert "| bench | 3 | 1 | 50.00 |" in paths["markdown"].read_text()
     lines = paths["completions"].read_text().splitlines()
     assert len(lines) == 12 and json.loads(lines[0])["completion"] == "a"
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -457,3 +459,87 @@ def test_eff_is_nan_without_length() -> None:
         k=1, benchmarks={"a": BenchmarkScores(0.0, 0.0, 0.0, 0.0, 1, 1)}, samples=[], sampling=SAMPLING4
     )
     assert math.isnan(result.eff)
+
+
+# --------------------------------------------------------------------------- repeats and seeds
+class SeedRecordingEngine(RolloutEngine):
+    """Answers "a" (correct) on the first ``correct_by_repeat[r]`` of K samples, ``r`` read off the seed."""
+
+    def __init__(self, correct_by_repeat: list[int]) -> None:
+        self.correct_by_repeat = correct_by_repeat
+        self.request_seeds: list[int] = []
+
+    def setup(self, model, tokenizer, *, model_path, seed) -> None:  # noqa: ANN001 - unused
+        pass
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        assert sampling.seed is not None
+        k = sampling.num_rollouts
+        self.request_seeds += [sampling.seed + i for i in range(len(prompt_ids) * k)]  # as VLLMEngine seeds
+        hits = self.correct_by_repeat[sampling.seed // REPEAT_SEED_STRIDE]
+        return [
+            Rollout(i // k, (7,) * (1 + i % k), "a" if i % k < hits else "x", False)
+            for i in range(len(prompt_ids) * k)
+        ]
+
+
+def test_repeats_report_mean_and_std_over_runs_with_their_seeds(tmp_path: Path) -> None:
+    engine = SeedRecordingEngine(correct_by_repeat=[2, 1, 0])  # K = 2: avg@2 = 100, 50, 0 per run
+    sampling = SamplingConfig(temperature=1.0, num_rollouts=2, max_new_tokens=8, seed=0)
+    result = evaluate(
+        engine,
+        IndexPrompts(),
+        {"aime24": problems("aa"), "once": problems("a")},
+        sampling=sampling,
+        verifier=ExactVerifier(),
+        repeats={"aime24": 3},
+        progress=False,
+    )
+    scores = result.benchmarks["aime24"]
+    assert scores.avg_at_k_runs == (100.0, 50.0, 0.0)
+    assert scores.avg_at_k == 50.0  # (100 + 50 + 0) / 3
+    assert scores.avg_at_k_std == 50.0  # sqrt((50² + 0² + 50²) / (3 - 1))
+    assert scores.pass_at_k == pytest.approx(200 / 3)  # (100 + 100 + 0) / 3
+    assert scores.mean_length == 1.5  # lengths 1 and 2 in every run
+    assert scores.seeds == (0, REPEAT_SEED_STRIDE, 2 * REPEAT_SEED_STRIDE)
+    assert (scores.repeats, scores.num_problems, scores.num_samples) == (3, 2, 12)
+    assert result.benchmarks["once"][6:] == (0.0, 1, (100.0,), (0,))
+    assert [s.repeat for s in result.samples if s.benchmark == "aime24"] == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(set(engine.request_seeds)) == len(engine.request_seeds) == 14  # no request shares a seed
+
+    paths = write_report(result, tmp_path / "base", step=0)
+    saved = json.loads(paths["json"].read_text())["benchmarks"]["aime24"]
+    assert saved["seeds"] == [0, REPEAT_SEED_STRIDE, 2 * REPEAT_SEED_STRIDE] and saved["avg_at_k_std"] == 50.0
+    assert {"avg_at_k", "pass_at_k", "mean_length", "truncated", "num_problems", "num_samples"} <= set(saved)
+    assert "| aime24 | 2 | 3 | 50.00 ± 50.00 | 66.67 | 2 | 0.0% |" in paths["markdown"].read_text()
+    assert result.scalars()["eval/aime24/avg@2_std"] == 50.0 and "eval/once/avg@2_std" not in result.scalars()
+
+
+def test_call_seeds_of_ranks_benchmarks_and_calls_never_overlap() -> None:
+    seen = []
+    for rank in (0, 1):
+        engine = SeedRecordingEngine(correct_by_repeat=[0, 0])
+        evaluate(
+            engine,
+            IndexPrompts(),
+            {"a": problems("aaaaa"), "b": problems("aaa")},
+            sampling=SamplingConfig(num_rollouts=3, seed=11),
+            verifier=ExactVerifier(),
+            repeats={"a": 2},
+            rank=rank,
+            world_size=2,
+            prompts_per_call=2,
+            progress=False,
+        )
+        seen += engine.request_seeds
+    # rank 0: a 3 problems x 2 runs + b 2 problems; rank 1: a 2 x 2 + b 1; 3 samples each
+    assert len(seen) == 3 * (3 * 2 + 2 + 2 * 2 + 1) == len(set(seen))
+
+
+def test_paper_configs_average_aime24_over_five_runs() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for config in [*root.glob("*.yaml"), *root.glob("qwen3_8b/*.yaml")]:
+        data = yaml.safe_load(config.read_text())
+        benchmarks = data.get("evaluation", {}).get("benchmarks")
+        if data["model"]["model_name_or_path"].startswith("Qwen/") and benchmarks:
+            assert {"name": "aime24", "repeats": 5} in benchmarks, config.name

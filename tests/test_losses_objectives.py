@@ -97,6 +97,13 @@ def test_sft_grpo_opsd_hand_computed():
     torch.testing.assert_close(loss, torch.tensor(0.2))
     torch.testing.assert_close(kl.grad, torch.tensor([[1.0, 1.0], [1.0, 0.0]]) / 3)
     assert stats.kl_mean.item() == pytest.approx(0.2) and stats.omega_mean is None
+    # crisp: the same masked token mean of the (reverse) KL it is given; rewards never enter.
+    kl.grad = None
+    loss, stats = compute_objective("crisp", ObjectiveInputs(student_logp, mask, token_kl=kl))
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(0.2))
+    torch.testing.assert_close(kl.grad, torch.tensor([[1.0, 1.0], [1.0, 0.0]]) / 3)
+    assert stats.kl_mean.item() == pytest.approx(0.2) and stats.token_adv_mean is None
 
 
 def random_inputs(seed=0, batch=5, length=30):
@@ -145,8 +152,8 @@ def test_gradient_flows_only_through_student_logp():
 
 
 def trained_tensor(name, inputs):
-    """The input that carries the gradient: the per-token KL for opsd, log p_θ otherwise."""
-    return inputs.token_kl if name == "opsd" else inputs.student_logp
+    """The input that carries the gradient: the per-token KL for opsd and crisp, log p_θ otherwise."""
+    return inputs.token_kl if name in ("opsd", "crisp") else inputs.student_logp
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
@@ -199,7 +206,7 @@ def test_entropy_max_from_other_ranks_changes_the_gate():
 
 
 def test_objective_registry():
-    assert set(OBJECTIVES) == {"sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd"}
+    assert set(OBJECTIVES) == {"sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"}
     assert [name for name, spec in OBJECTIVES.items() if not spec.uses_rollouts] == ["sft"]
     assert {name: spec.teacher for name, spec in OBJECTIVES.items()} == {
         "sft": "none",
@@ -208,6 +215,7 @@ def test_objective_registry():
         "rlsd": "token_stats",
         "egrsd": "token_stats",
         "cl_egrsd": "token_stats",
+        "crisp": "kl",
     }
     assert {name: spec.advantage for name, spec in OBJECTIVES.items()} == {
         "sft": "none",
@@ -216,7 +224,12 @@ def test_objective_registry():
         "rlsd": "running",
         "egrsd": "running",
         "cl_egrsd": "running",
+        "crisp": "none",
     }
+    # Only crisp takes the reverse KL, a conciseness-prompted teacher and a teacher that must move.
+    assert {name for name, spec in OBJECTIVES.items() if spec.kl_direction == "reverse"} == {"crisp"}
+    assert {name for name, spec in OBJECTIVES.items() if spec.teacher_prompt == "concise"} == {"crisp"}
+    assert {name for name, spec in OBJECTIVES.items() if spec.moving_teacher} == {"crisp"}
     assert LossStats().to_dict() == {}
 
 
@@ -271,6 +284,8 @@ def test_egrsd_loss_bad_arguments_raise_value_error_naming_them(kwargs, argument
         ("rlsd", {}, "teacher_logp", "teacher_logp"),
         ("grpo", {}, "advantages", "advantages"),
         ("opsd", {}, "token_kl", "token_kl"),
+        ("crisp", {}, "token_kl", "token_kl"),
+        ("crisp", {"window": 1}, None, "window"),
     ],
 )
 def test_compute_objective_bad_arguments(name, kwargs, field, argument):

@@ -25,10 +25,13 @@ def naive_token_stats(hidden, weight, targets):
     return logp, entropy
 
 
-def naive_kl(student_hidden, teacher_hidden, weight):
+def naive_kl(student_hidden, teacher_hidden, weight, direction="forward"):
+    """Full-logit KL; the teacher side is a constant (its weight detached too)."""
     student = naive_log_probs(student_hidden, weight)  # [B, T, V]
-    teacher = naive_log_probs(teacher_hidden.detach(), weight)  # [B, T, V]
-    return (teacher.exp() * (teacher - student)).sum(-1)  # [B, T]
+    teacher = naive_log_probs(teacher_hidden.detach(), weight.detach())  # [B, T, V]
+    if direction == "reverse":
+        return (student.exp() * (student - teacher)).sum(-1)  # [B, T] KL(p_θ || p_T)
+    return (teacher.exp() * (teacher - student)).sum(-1)  # [B, T] KL(p_T || p_θ)
 
 
 def random_case(seed=0, batch=3, length=7, hidden_size=16, vocab=50, dtype=torch.float32):
@@ -77,6 +80,29 @@ def test_token_kl_hand_computed():
     assert teacher.grad is None
 
 
+def test_reverse_token_kl_hand_computed():
+    # Token 1: student [ln 2, 0] -> p_S = [1/2, 1/4, 1/4]; teacher [0, 0] -> p_T = [1/3] * 3.
+    #   l = log p_S - log p_T = [ln(3/2), ln(3/4), ln(3/4)];
+    #   KL(p_S || p_T) = 1/2 ln(3/2) + 1/2 ln(3/4) = 1/2 ln(9/8) = 0.058892.
+    #   d KL / d z_S = p_S * (l - KL) = p_S * [ln 2 / 2, -ln 2 / 2, -ln 2 / 2] = [ln 2/4, -ln 2/8, -ln 2/8];
+    #   times W: d KL / d hidden = [ln 2 / 4, -ln 2 / 8] = [0.173287, -0.086643].
+    # Token 2: student [0, 0] -> p_S = [1/3] * 3; teacher [ln 2, 0] -> p_T = [1/2, 1/4, 1/4].
+    #   l = [ln(2/3), ln(4/3), ln(4/3)]; KL = 1/3 ln(2/3) + 2/3 ln(4/3) = 1/3 ln(32/27) = 0.056633.
+    #   l - KL = [-2/3 ln 2, 1/3 ln 2, 1/3 ln 2]; p_S * (l - KL) = [-2/9 ln 2, 1/9 ln 2, 1/9 ln 2];
+    #   times W: [-2/9 ln 2, 1/9 ln 2] = [-0.154033, 0.077016].
+    # (The forward KL(p_T || p_S) of token 1 is 1/3 ln(2/3) + 2/3 ln(4/3) = 0.056633, not 0.058892.)
+    student = torch.tensor([[[LN2, 0.0], [0.0, 0.0]]], requires_grad=True)  # [1, 2, 2]
+    teacher = torch.tensor([[[0.0, 0.0], [LN2, 0.0]]], requires_grad=True)  # [1, 2, 2]
+    kl = token_kl(student, teacher, TINY_WEIGHT, direction="reverse", chunk_size=1, vocab_chunk_size=2)
+    kl.sum().backward()
+    torch.testing.assert_close(kl.detach(), torch.tensor([[0.058892, 0.056633]]), atol=1e-6, rtol=0)
+    expected_grad = torch.tensor([[[LN2 / 4, -LN2 / 8], [-2 * LN2 / 9, LN2 / 9]]])
+    torch.testing.assert_close(student.grad, expected_grad, atol=1e-6, rtol=0)
+    assert teacher.grad is None  # the teacher is a constant
+    forward = token_kl(student.detach(), teacher, TINY_WEIGHT, vocab_chunk_size=2)
+    torch.testing.assert_close(forward[0, 0], torch.tensor(0.056633), atol=1e-6, rtol=0)
+
+
 # (positions, vocabulary rows) per block; N = 3 * 7 = 21 positions, V = 50: most do not divide.
 CHUNKS = [(1, 7), (4, 16), (5, 50), (21, 13), (1024, 16384)]
 CHUNK_IDS = [f"chunk{c}x{v}" for c, v in CHUNKS]
@@ -116,31 +142,73 @@ def test_student_logprobs_chunked_equals_naive(chunk_size, vocab_chunk_size, wei
         torch.testing.assert_close(chunked_weight_grad, weight.grad, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("weight_requires_grad", [False, True], ids=["frozen_weight", "trained_weight"])
 @pytest.mark.parametrize(("chunk_size", "vocab_chunk_size"), CHUNKS, ids=CHUNK_IDS)
-def test_token_kl_chunked_equals_naive(chunk_size, vocab_chunk_size, weight_requires_grad):
+def test_token_kl_chunked_equals_naive(chunk_size, vocab_chunk_size, weight_requires_grad, direction):
     hidden, teacher_hidden, weight, _, upstream = random_case(seed=2)
     weight.requires_grad_(weight_requires_grad)
     chunked_hidden = hidden.clone().requires_grad_()
+    chunked_teacher = teacher_hidden.clone().requires_grad_()  # must receive no gradient
     kl = token_kl(
-        chunked_hidden, teacher_hidden, weight, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size
+        chunked_hidden,
+        chunked_teacher,
+        weight,
+        direction=direction,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
     )
     (kl * upstream).sum().backward()
     chunked_weight_grad = weight.grad
     weight.grad = None
 
-    naive_hidden = hidden.clone().requires_grad_()
-    naive = naive_kl(naive_hidden, teacher_hidden, weight)
     # The teacher is a constant: the reference's weight gradient flows through the student side only.
-    if weight_requires_grad:
-        teacher = naive_log_probs(teacher_hidden, weight.detach())
-        naive = (teacher.exp() * (teacher - naive_log_probs(naive_hidden, weight))).sum(-1)
+    naive_hidden = hidden.clone().requires_grad_()
+    naive = naive_kl(naive_hidden, teacher_hidden, weight, direction)
     (naive * upstream).sum().backward()
 
     torch.testing.assert_close(kl.detach(), naive.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(chunked_hidden.grad, naive_hidden.grad, atol=1e-5, rtol=0)
+    assert chunked_teacher.grad is None
     if weight_requires_grad:
         torch.testing.assert_close(chunked_weight_grad, weight.grad, atol=1e-5, rtol=0)
+
+
+def test_reverse_kl_masked_positions_change_nothing():
+    hidden, teacher_hidden, weight, _, upstream = random_case(seed=9)
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4, [False] * 7])  # [3, 7]
+    hidden.requires_grad_()
+    kl = token_kl(
+        hidden, teacher_hidden, weight, direction="reverse", chunk_size=4, vocab_chunk_size=16, mask=mask
+    )
+    (kl * upstream).sum().backward()
+    naive = naive_kl(hidden.detach(), teacher_hidden, weight, "reverse")
+    torch.testing.assert_close(kl.detach(), torch.where(mask, naive, 0.0), atol=1e-5, rtol=0)
+    assert torch.equal(hidden.grad[~mask], torch.zeros_like(hidden.grad[~mask]))
+    # Anything at a masked position (student or teacher) leaves every value unchanged.
+    noisy_hidden, noisy_teacher = hidden.detach().clone(), teacher_hidden.clone()
+    noisy_hidden[~mask], noisy_teacher[~mask] = 1e3, -1e3
+    noisy = token_kl(
+        noisy_hidden, noisy_teacher, weight, direction="reverse", chunk_size=4, vocab_chunk_size=16, mask=mask
+    )
+    assert torch.equal(noisy, kl.detach())
+
+
+def test_reverse_kl_of_large_logits_and_bf16_inputs_stays_accurate():
+    # Logits of standard deviation ~100 (every exp would overflow without the running max); then bf16
+    # inputs with V = 4096, reduced in float32. References: the same logits reduced in float64.
+    for scale, dtype, vocab, tolerance in [
+        (50.0, torch.float32, 50, 2e-4),
+        (1.0, torch.bfloat16, 4096, 1e-5),
+    ]:
+        hidden, teacher_hidden, weight, _, _ = random_case(seed=6, vocab=vocab, dtype=dtype)
+        hidden, teacher_hidden = scale * hidden, scale * teacher_hidden
+        kl = token_kl(hidden, teacher_hidden, weight, direction="reverse", chunk_size=5, vocab_chunk_size=7)
+        assert kl.dtype == torch.float32
+        log_probs = torch.log_softmax((hidden @ weight.T).double(), -1)  # [B, T, V]
+        teacher_log_probs = torch.log_softmax((teacher_hidden @ weight.T).double(), -1)  # [B, T, V]
+        reference = (log_probs.exp() * (log_probs - teacher_log_probs)).sum(-1)  # [B, T]
+        torch.testing.assert_close(kl.double(), reference, atol=tolerance, rtol=1e-5)
 
 
 def test_no_grad_mode_gives_values_without_graph():
@@ -209,6 +277,7 @@ def test_bf16_inputs_accumulate_in_float32():
         (lambda h, w, t: student_token_logprobs(h, w, t, mask=torch.ones_like(t)), "mask"),
         (lambda h, w, t: token_kl(h, h[:, :2], w), "teacher_hidden"),
         (lambda h, w, t: token_kl(h[0], h[0], w), "student_hidden"),
+        (lambda h, w, t: token_kl(h, h, w, direction="backward"), "direction"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(call, argument):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import (
     DatasetError,
     filter_by_prompt_length,
     load_problems,
     load_problems_with_report,
 )
-from egrsd_pl.problem import Problem
 from egrsd_pl.rewards import extract_boxed_answer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from egrsd_pl.prompts import PackedBatch, PromptBuilder, pack_completions
+from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.testbed.build import tokenizer_corpus
 from egrsd_pl.testbed.tokenizer import train_tokenizer
 
@@ -64,6 +64,36 @@ def test_teacher_prompt_contains_the_student_problem_and_instruction(tokenizer: 
     assert message.startswith(PROBLEM + "\n\n")
     assert message.endswith("\n\nNow solve it yourself.\n\nAnswer briefly.")
     assert builder.student_message(PROBLEM) == f"{PROBLEM}\n\nAnswer briefly."
+
+
+def contains_run(ids: list[int], run: list[int]) -> bool:
+    return any(ids[i : i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
+@pytest.mark.parametrize("student_thinking", [True, False], ids=["thinking", "non_thinking"])
+def test_crisp_teacher_prompt_is_the_student_prompt_behind_the_instruction(
+    tokenizer: Any, student_thinking: bool
+) -> None:
+    # teacher_thinking differs on purpose: CRISP's teacher sees the student's own prompt.
+    builder = PromptBuilder(
+        tokenizer, student_thinking=student_thinking, teacher_thinking=not student_thinking
+    )
+    student = builder.student_prompt_ids(PROBLEM)
+    teacher = builder.concise_teacher_prompt_ids(PROBLEM)
+    assert contains_run(teacher, student) and teacher[-len(student) :] == student
+    text = decode(tokenizer, teacher)
+    assert text == f"<|im_start|>system\n{DEFAULT_CONCISE_INSTRUCTION}<|im_end|>\n" + decode(
+        tokenizer, student
+    )
+    # Neither the reference solution nor the gold answer (7; no "7" in the problem or instructions).
+    assert SOLUTION not in text and "Reference Solution" not in text and "7" not in text
+    assert not contains_run(teacher, tokenizer.encode(SOLUTION, add_special_tokens=False))
+    # The knob: another instruction gives another prompt, with the same student prompt at its end.
+    other = builder.concise_teacher_prompt_ids(PROBLEM, "Be brief.")
+    assert other != teacher and other[-len(student) :] == student
+    assert decode(tokenizer, other).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    with pytest.raises(ValueError, match="non-empty conciseness instruction"):
+        builder.concise_teacher_prompt_ids(PROBLEM, " ")
 
 
 def test_sft_target_thinking_matches_the_chat_template(tokenizer: Any) -> None:

@@ -265,6 +265,31 @@ def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, 
     assert teacher.num_updates == 4  # once per optimizer step, not per micro-batch
 
 
+def test_crisp_resume_across_a_teacher_refresh_is_exact(tiny_model_dir, tmp_path):
+    """CRISP, hard copy every 3 steps: 4 straight steps = 2 + resume + 2, the refresh after step 3 in between."""
+    options = ("--model.objective=crisp", "--teacher.schedule=hard_copy", "--teacher.every_k_steps=3")
+    with one_torch_thread(), working_dir(tmp_path / "straight"):
+        straight = build_cli(cli_args(tiny_model_dir, 4, *options))
+    with one_torch_thread(), working_dir(tmp_path / "resumed"):
+        stopped = build_cli(cli_args(tiny_model_dir, 2, *options))
+        stopped_teacher = lora_weights(stopped, "teacher")
+        resumed = build_cli(cli_args(tiny_model_dir, 4, *options, "--ckpt_path=last"))
+    # Before the refresh the teacher is the initial (zero-B, i.e. base) adapter; after it, not.
+    assert all(float(v.abs().max()) == 0 for k, v in stopped_teacher.items() if "lora_B" in k)
+    assert max(float(v.abs().max()) for k, v in lora_weights(resumed, "teacher").items() if "lora_B" in k) > 0
+    for adapter in ("default", "teacher"):
+        diff = max_abs_diff(lora_weights(straight, adapter), lora_weights(resumed, adapter))
+        print(f"\ncrisp, {adapter}: straight vs 2 + resume + 2 max |diff| {diff:.3g}")
+        assert diff == 0
+    teachers = [
+        next(c for c in cli.trainer.callbacks if isinstance(c, TeacherUpdate)) for cli in (straight, resumed)
+    ]
+    assert teachers[0].state_dict() == teachers[1].state_dict()
+    assert teachers[0].state_dict() == {"schedule": "hard_copy", "num_updates": 1, "last_updated_step": 3}
+    # The teacher is the student as it was after step 3: the student has moved on at step 4.
+    assert max_abs_diff(lora_weights(resumed, "teacher"), lora_weights(resumed, "default")) > 0
+
+
 VLLM_PROMPT_LOGPROBS = """
 import json, sys
 from vllm import LLM, SamplingParams

@@ -37,6 +37,7 @@ OBJECTIVES = [
     ("rlsd", {}),
     ("egrsd", {"gamma": 0.3}),
     ("cl_egrsd", {"gamma": 1.0, "window": 3}),
+    ("crisp", {"teacher": "hard_copy"}),
 ]
 
 
@@ -47,6 +48,9 @@ def fit(
     *,
     accelerator: str = "cpu",
     precision: str = "32-true",
+    max_steps: int = 2,
+    every_k_steps: int = 20,
+    extra_callbacks: Sequence[L.Callback] = (),
     **model_kwargs,
 ) -> tuple[EGRSDModule, L.Trainer]:
     module = EGRSDModule(
@@ -57,7 +61,7 @@ def fit(
         accelerator=accelerator,
         devices=1,
         precision=precision,
-        max_steps=2,
+        max_steps=max_steps,
         gradient_clip_val=0.1,
         logger=False,
         enable_checkpointing=False,
@@ -67,7 +71,12 @@ def fit(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        callbacks=[RewardStatistics(), GradNormMonitor(), TeacherUpdate()],
+        callbacks=[
+            RewardStatistics(),
+            GradNormMonitor(),
+            TeacherUpdate(model_kwargs.get("teacher", "frozen"), every_k_steps=every_k_steps),
+            *extra_callbacks,
+        ],
     )
     trainer.fit(module, data)
     return module, trainer
@@ -80,6 +89,68 @@ def test_objective_trains_the_adapter_only(
 ):
     module, trainer = fit(tiny_model_dir, tmp_path, objective, **kwargs)
     assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
+    if module.objective_spec.teacher == "kl":  # opsd, crisp: the loss is the mean token KL
+        kl = trainer.callback_metrics["kl/mean"]
+        assert torch.isfinite(kl) and float(kl) >= 0
+        assert float(kl) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-6)
+
+
+class TeacherProbe(L.Callback):
+    """After every optimizer step (and after ``TeacherUpdate``): is the teacher the student, or the base?"""
+
+    def __init__(self) -> None:
+        self.teacher_is_student: dict[int, bool] = {}
+        self.teacher_is_base: dict[int, bool] = {}
+        self.teachers: dict[int, dict[str, torch.Tensor]] = {}
+        self.teacher_inputs: list[tuple[list[int], list[int]]] = []  # (packed row, concise prompt + rollout)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        for row, rollout in enumerate(batch.rollouts):
+            problem = batch.problems[rollout.prompt_index].problem
+            expected = pl_module.prompt_builder.concise_teacher_prompt_ids(problem) + list(
+                rollout.completion_ids
+            )
+            self.teacher_inputs.append((batch.teacher.input_ids[row, : len(expected)].tolist(), expected))
+        student, teacher = pl_module.adapter_parameters("default"), pl_module.adapter_parameters("teacher")
+        self.teacher_is_student[step] = all(torch.equal(teacher[k], student[k]) for k in student)
+        self.teachers[step] = {k: v.detach().clone() for k, v in teacher.items()}
+        # The teacher's hidden states on this batch equal the adapter-disabled base's, bit for bit.
+        with torch.no_grad():
+            with pl_module.teacher_weights():
+                as_teacher = pl_module.completion_hidden(batch.teacher)
+            with pl_module.policy.disable_adapter():
+                as_base = pl_module.completion_hidden(batch.teacher)
+        self.teacher_is_base[step] = torch.equal(as_teacher, as_base)
+
+
+@pytest.mark.slow
+def test_crisp_teacher_is_the_base_until_the_first_refresh_then_a_copy_every_m_steps(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    probe = TeacherProbe()
+    module, trainer = fit(
+        tiny_model_dir,
+        tmp_path,
+        "crisp",
+        teacher="hard_copy",
+        max_steps=9,
+        every_k_steps=3,
+        extra_callbacks=[probe],
+    )
+    steps = list(range(1, 10))
+    assert [s for s in steps if probe.teacher_is_student[s]] == [3, 6, 9]
+    assert [s for s in steps if probe.teacher_is_base[s]] == [1, 2]  # then the student of step 3 on
+    for refresh in (3, 6):  # between refreshes the teacher stays the copy made at the last one
+        for later in (refresh + 1, refresh + 2):
+            assert all(torch.equal(probe.teachers[later][k], v) for k, v in probe.teachers[refresh].items())
+    assert not all(torch.equal(probe.teachers[6][k], v) for k, v in probe.teachers[3].items())
+    assert float(trainer.callback_metrics["teacher/num_updates"]) == 3
+    # The teacher read CRISP's prompt (instruction + the student's prompt, no solution) + the rollout's ids.
+    assert len(probe.teacher_inputs) == 9 * 8 and all(
+        row == expected for row, expected in probe.teacher_inputs
+    )
+    assert torch.isfinite(trainer.callback_metrics["kl/mean"])
 
 
 @pytest.mark.gpu

@@ -1,11 +1,11 @@
 """The objectives library: pure tensor functions, one per step of Algorithm 1 (see SPEC.md).
 
-- :mod:`~egrsd_pl.losses.vocabulary`: teacher entropy / log-probs, student log-probs and OPSD's KL
-  over the full vocabulary, chunked over positions (never ``[B, T, V]`` logits).
+- :mod:`~egrsd_pl.losses.vocabulary`: teacher entropy / log-probs, student log-probs and the token KL
+  (OPSD's forward, CRISP's reverse) over the full vocabulary, chunked over positions (never ``[B, T, V]`` logits).
 - :mod:`~egrsd_pl.losses.token_weights`: causal window minimum, entropy normalisation, confidence
   gate, likelihood-ratio magnitude, token advantages, masked reductions.
-- :mod:`~egrsd_pl.losses.objectives`: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd``
-  behind one signature (:data:`OBJECTIVES`, :func:`compute_objective`).
+- :mod:`~egrsd_pl.losses.objectives`: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd``,
+  ``crisp`` behind one signature (:data:`OBJECTIVES`, :func:`compute_objective`).
 """
 
 from egrsd_pl.losses.objectives import (
@@ -16,6 +16,7 @@ from egrsd_pl.losses.objectives import (
     ObjectiveSpec,
     cl_egrsd_objective,
     compute_objective,
+    crisp_objective,
     egrsd_loss,
     egrsd_objective,
     group_relative_advantages,
@@ -36,10 +37,11 @@ from egrsd_pl.losses.token_weights import (
     policy_gradient_loss,
     token_advantages,
 )
-from egrsd_pl.losses.vocabulary import student_token_logprobs, teacher_token_stats, token_kl
+from egrsd_pl.losses.vocabulary import KLDirection, student_token_logprobs, teacher_token_stats, token_kl
 
 __all__ = [
     "ENTROPY_MAX_FLOOR_NATS",
+    "KLDirection",
     "OBJECTIVES",
     "LossStats",
     "ObjectiveInputs",
@@ -49,6 +51,7 @@ __all__ = [
     "cl_egrsd_objective",
     "compute_objective",
     "confidence_gate",
+    "crisp_objective",
     "egrsd_loss",
     "egrsd_objective",
     "grpo_objective",

@@ -1,4 +1,4 @@
-"""The six training objectives behind one signature and one name switch (SPEC "The objectives").
+"""The seven training objectives behind one signature and one name switch (SPEC "The objectives").
 
 Every objective is ``loss(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)``;
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
@@ -34,8 +34,9 @@ from egrsd_pl.losses.token_weights import (
     policy_gradient_loss,
     token_advantages,
 )
+from egrsd_pl.losses.vocabulary import KLDirection
 
-ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd"]
+ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"]
 EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 
 
@@ -47,7 +48,7 @@ class ObjectiveInputs(NamedTuple):
     advantages: Tensor | None = None  # [B] A_i: running statistics (rlsd/egrsd/cl_egrsd), group (grpo)
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
     teacher_entropy: Tensor | None = None  # [B, T] H_t in nats
-    token_kl: Tensor | None = None  # [B, T] KL(p_T || p_θ) with grad (opsd)
+    token_kl: Tensor | None = None  # [B, T] with grad: KL(p_T || p_θ) (opsd) or KL(p_θ || p_T) (crisp)
 
 
 class LossStats(NamedTuple):
@@ -67,7 +68,7 @@ class LossStats(NamedTuple):
     entropy_mean: Tensor | None = None  # mean raw teacher entropy
     entropy_max: Tensor | None = None  # local max of the raw teacher entropy (before any all-reduce)
     token_adv_mean: Tensor | None = None  # mean Â
-    kl_mean: Tensor | None = None  # mean KL(p_T || p_θ)
+    kl_mean: Tensor | None = None  # mean token KL (opsd: forward, crisp: reverse)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The statistics that are set, by field name."""
@@ -188,11 +189,8 @@ def grpo_objective(
     return loss, stats
 
 
-def opsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
-    """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
-    kl = _require(inputs, "token_kl", "opsd")  # [B, T]
+def _token_kl_objective(inputs: ObjectiveInputs, objective: str) -> tuple[Tensor, LossStats]:
+    kl = _require(inputs, "token_kl", objective)  # [B, T]
     loss = masked_mean(kl, inputs.mask)
     stats = LossStats(
         num_tokens=inputs.mask.sum(),
@@ -200,6 +198,24 @@ def opsd_objective(
         kl_mean=loss.detach(),
     )
     return loss, stats
+
+
+def opsd_objective(
+    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+) -> tuple[Tensor, LossStats]:
+    """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
+    return _token_kl_objective(inputs, "opsd")
+
+
+def crisp_objective(
+    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
+) -> tuple[Tensor, LossStats]:
+    """CRISP: ``L = masked_mean(KL(p_θ ‖ p_T))``, the reverse KL to a conciseness-prompted teacher.
+
+    ``inputs.token_kl`` must be the reverse KL (:func:`~egrsd_pl.losses.token_kl` with
+    ``direction="reverse"``; :data:`OBJECTIVES` tells the trainer). No reward enters the loss.
+    """
+    return _token_kl_objective(inputs, "crisp")
 
 
 def _entropy_gated_objective(
@@ -268,12 +284,20 @@ class ObjectiveSpec:
             ``"kl"`` (:func:`token_kl`) or ``"none"``.
         advantage: ``"running"`` (Welford baseline, computed by the module), ``"group"``
             (:func:`group_relative_advantages`) or ``"none"``.
+        kl_direction: ``direction`` of :func:`token_kl` when ``teacher == "kl"``.
+        teacher_prompt: ``"reference"`` (problem + reference solution, SPEC "Prompts") or
+            ``"concise"`` (CRISP: the student prompt behind a conciseness instruction, no solution).
+        moving_teacher: The teacher must be refreshed from the student (CRISP); a ``frozen``
+            schedule is refused.
     """
 
     loss: Callable[..., tuple[Tensor, LossStats]]
     uses_rollouts: bool
     teacher: Literal["none", "token_stats", "kl"]
     advantage: Literal["none", "running", "group"]
+    kl_direction: KLDirection = "forward"
+    teacher_prompt: Literal["reference", "concise"] = "reference"
+    moving_teacher: bool = False
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
@@ -284,6 +308,15 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "egrsd": ObjectiveSpec(egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"),
     "cl_egrsd": ObjectiveSpec(
         cl_egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"
+    ),
+    "crisp": ObjectiveSpec(
+        crisp_objective,
+        uses_rollouts=True,
+        teacher="kl",
+        advantage="none",
+        kl_direction="reverse",
+        teacher_prompt="concise",
+        moving_teacher=True,
     ),
 }
 

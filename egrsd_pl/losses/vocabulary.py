@@ -14,14 +14,15 @@ positions are never projected; with the optional ``mask`` padding positions are 
 Gradients (student side): each per-position value depends on its own hidden state only, so its
 gradient w.r.t. that hidden state is a ``[D]`` row independent of the upstream gradient. When the
 output projection is frozen (LoRA) that row is accumulated in the same pass as the value
-(``E_p[W_v]`` online, like the normaliser) and backward only scales it: no logits are stored or
-recomputed. When ``weight.requires_grad`` the logits are recomputed block by block in backward.
+(``E_p[W_v]``, or ``E_p[d_v W_v]`` for the reverse KL, online like the normaliser) and backward only
+scales it: no logits are stored or recomputed. When ``weight.requires_grad`` the logits are recomputed block by block in backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from functools import partial
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -123,7 +124,9 @@ def _teacher_stats_chunk(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_
 
 class _Chunk(NamedTuple):
     values: Tensor  # [C] float32
-    log_normalizers: Tensor  # [C, k] logsumexp of each distribution involved (for a backward pass)
+    saved: (
+        Tensor  # [C, k] per-position constants a weight backward needs (logsumexp of each distribution, ...)
+    )
     jacobian: Tensor | None  # [C, D] d value / d hidden, when asked for
 
 
@@ -143,20 +146,30 @@ def _sampled_logp_chunk(hidden, weight, targets, *, vocab_chunk_size, with_jacob
     return _Chunk(target_logit - log_normalizer, log_normalizer[:, None], jacobian)
 
 
-def _sampled_logp_grad_logits(logits, block, targets, log_normalizers, *, weight) -> Tensor:
+def _sampled_logp_grad_logits(logits, block, targets, saved, *, weight) -> Tensor:
     """``d log p(y) / d z = onehot(y) - softmax(z)`` on one vocabulary block, ``[C, Vb]``."""
-    grad = logits.sub_(log_normalizers[:, :1]).exp_().neg_()  # [C, Vb]
+    grad = logits.sub_(saved[:, :1]).exp_().neg_()  # [C, Vb]
     local = targets - block.start  # [C]
     inside = ((local >= 0) & (local < logits.shape[1])).to(grad.dtype)  # [C]
     return grad.scatter_add_(1, local.clamp(0, logits.shape[1] - 1)[:, None], inside[:, None])
 
 
-def _kl_chunk(hidden, weight, teacher_hidden, *, vocab_chunk_size, with_jacobian) -> _Chunk:
-    """``KL(p_T ‖ p_θ) = E_T[z_T - z_θ] - logsumexp(z_T) + logsumexp(z_θ)``; ``d/dh = E_θ[W] - E_T[W]``."""
+def _kl_chunk(hidden, weight, teacher_hidden, *, reverse, vocab_chunk_size, with_jacobian) -> _Chunk:
+    """One pass for both directions of the KL between student ``z_θ`` and teacher ``z_T`` logits.
+
+    With ``d = z_θ - z_T`` and ``q`` the distribution the KL is taken under (``p_T`` forward, ``p_θ``
+    reverse), ``KL = ∓E_q[d] ∓ logsumexp(z_T) ± logsumexp(z_θ)`` (upper sign forward). Student-side ``d/dh``:
+
+    - forward ``KL(p_T ‖ p_θ)``: ``d/dz_θ = p_θ - p_T``, so ``d/dh = E_θ[W] - E_T[W]``;
+    - reverse ``KL(p_θ ‖ p_T)``: ``d/dz_θ = p_θ ⊙ (log p_θ - log p_T - KL) = p_θ ⊙ (d - E_θ[d])`` (the
+      normalisers cancel against the KL), so ``d/dh = E_θ[d·W] - E_θ[d]·E_θ[W]``.
+
+    ``saved`` holds ``logsumexp(z_θ)``, ``logsumexp(z_T)`` and, reverse only, ``E_θ[d]``.
+    """
     student, teacher = _RunningSoftmax(), _RunningSoftmax()
-    cross = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [C] Σ e_T (z_T - z_θ)
-    student_row = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [C, D]
-    teacher_row = torch.zeros_like(student_row)  # [C, D]
+    cross = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [C] Σ e_q·d
+    student_row = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [C, D] Σ e_θ·W
+    q_row = torch.zeros_like(student_row)  # [C, D] forward Σ e_T·W, reverse Σ e_θ·d·W
     blocks = zip(
         _logit_blocks(hidden, weight, vocab_chunk_size),
         _logit_blocks(teacher_hidden, weight, vocab_chunk_size),
@@ -164,26 +177,45 @@ def _kl_chunk(hidden, weight, teacher_hidden, *, vocab_chunk_size, with_jacobian
     )
     for (block, student_logits), (_, teacher_logits) in blocks:
         teacher_weights, teacher_rescale = teacher.update(teacher_logits)
-        log_ratio = teacher_logits.sub_(student_logits)  # [C, Vb] z_T - z_θ, in place
-        cross = cross * teacher_rescale + torch.einsum("cv,cv->c", teacher_weights, log_ratio)
         student_weights, student_rescale = student.update(student_logits)
+        log_ratio = student_logits.sub_(teacher_logits)  # [C, Vb] d = z_θ - z_T (weights have own buffers)
+        q_weights, q_rescale = (
+            (student_weights, student_rescale) if reverse else (teacher_weights, teacher_rescale)
+        )
+        cross = cross * q_rescale + torch.einsum("cv,cv->c", q_weights, log_ratio)
         if with_jacobian:
             w = weight[block]
             student_row = student_row * student_rescale[:, None] + student_weights.to(w.dtype) @ w
-            teacher_row = teacher_row * teacher_rescale[:, None] + teacher_weights.to(w.dtype) @ w
+            q_terms = log_ratio.mul_(student_weights) if reverse else teacher_weights  # [C, Vb]
+            q_row = q_row * q_rescale[:, None] + q_terms.to(w.dtype) @ w
     assert student.sum is not None and teacher.sum is not None
     student_log_normalizer, teacher_log_normalizer = student.log_normalizer(), teacher.log_normalizer()
-    kl = cross / teacher.sum - teacher_log_normalizer + student_log_normalizer  # [C]
+    saved = [student_log_normalizer, teacher_log_normalizer]
+    if reverse:
+        mean_log_ratio = cross / student.sum  # [C] E_θ[d]
+        kl = mean_log_ratio - student_log_normalizer + teacher_log_normalizer  # [C]
+        saved.append(mean_log_ratio)
+    else:
+        kl = -cross / teacher.sum - teacher_log_normalizer + student_log_normalizer  # [C]
     jacobian = None
     if with_jacobian:
-        jacobian = student_row / student.sum[:, None] - teacher_row / teacher.sum[:, None]
-    return _Chunk(kl, torch.stack([student_log_normalizer, teacher_log_normalizer], 1), jacobian)
+        student_mean_row = student_row / student.sum[:, None]  # [C, D] E_θ[W]
+        if reverse:
+            jacobian = q_row / student.sum[:, None] - saved[2][:, None] * student_mean_row
+        else:
+            jacobian = student_mean_row - q_row / teacher.sum[:, None]
+    return _Chunk(kl, torch.stack(saved, 1), jacobian)
 
 
-def _kl_grad_logits(logits, block, teacher_hidden, log_normalizers, *, weight) -> Tensor:
-    """``d KL / d z_θ = p_θ - p_T`` on one vocabulary block, ``[C, Vb]``."""
-    teacher_probs = _project(teacher_hidden, weight[block]).sub_(log_normalizers[:, 1:]).exp_()  # [C, Vb]
-    return logits.sub_(log_normalizers[:, :1]).exp_().sub_(teacher_probs)
+def _kl_grad_logits(logits, block, teacher_hidden, saved, *, weight, reverse) -> Tensor:
+    """``d KL / d z_θ`` on one vocabulary block, ``[C, Vb]``: ``p_θ - p_T`` (forward) or
+    ``p_θ ⊙ (z_θ - z_T - E_θ[z_θ - z_T])`` (reverse)."""
+    teacher_logits = _project(teacher_hidden, weight[block])  # [C, Vb]
+    if reverse:
+        centred_log_ratio = (logits - teacher_logits).sub_(saved[:, 2:3])  # [C, Vb] d - E_θ[d]
+        return logits.sub_(saved[:, :1]).exp_().mul_(centred_log_ratio)
+    teacher_probs = teacher_logits.sub_(saved[:, 1:2]).exp_()  # [C, Vb]
+    return logits.sub_(saved[:, :1]).exp_().sub_(teacher_probs)
 
 
 class _Reduction(NamedTuple):
@@ -191,7 +223,7 @@ class _Reduction(NamedTuple):
 
     ``chunk(hidden [C, D], weight, constant [C, ...], *, vocab_chunk_size, with_jacobian)`` gives the
     values (and ``d value / d hidden`` rows); ``grad_logits(logits [C, Vb], block, constant,
-    log_normalizers, *, weight)`` gives ``d value / d logits`` on one vocabulary block (backward
+    saved, *, weight)`` gives ``d value / d logits`` on one vocabulary block (backward
     when the weight is trained).
     """
 
@@ -200,7 +232,11 @@ class _Reduction(NamedTuple):
 
 
 _SAMPLED_LOGP = _Reduction(_sampled_logp_chunk, _sampled_logp_grad_logits)
-_KL = _Reduction(_kl_chunk, _kl_grad_logits)
+KLDirection = Literal["forward", "reverse"]
+_KL: dict[str, _Reduction] = {
+    direction: _Reduction(partial(_kl_chunk, reverse=reverse), partial(_kl_grad_logits, reverse=reverse))
+    for direction, reverse in (("forward", False), ("reverse", True))
+}
 
 
 class _ChunkedReduction(torch.autograd.Function):
@@ -212,7 +248,7 @@ class _ChunkedReduction(torch.autograd.Function):
         ctx.precomputed = not ctx.needs_input_grad[1]  # frozen weight: d value / d hidden rows now
         values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
         jacobian = torch.empty_like(hidden) if ctx.precomputed else None  # [N, D]
-        log_normalizers = []
+        saved = []
         for chunk in _chunks(hidden.shape[0], chunk_size):
             result = reduction.chunk(
                 hidden[chunk],
@@ -222,13 +258,13 @@ class _ChunkedReduction(torch.autograd.Function):
                 with_jacobian=ctx.precomputed,
             )
             values[chunk] = result.values
-            log_normalizers.append(result.log_normalizers)
+            saved.append(result.saved)
             if jacobian is not None:
                 jacobian[chunk] = result.jacobian
         if ctx.precomputed:
             ctx.save_for_backward(jacobian)
         else:
-            ctx.save_for_backward(hidden, weight, constant, torch.cat(log_normalizers))
+            ctx.save_for_backward(hidden, weight, constant, torch.cat(saved))
         return values
 
     @staticmethod
@@ -237,14 +273,14 @@ class _ChunkedReduction(torch.autograd.Function):
         if ctx.precomputed:
             (jacobian,) = ctx.saved_tensors
             return (grad_values[:, None] * jacobian).to(jacobian.dtype), None, None, None, None, None
-        hidden, weight, constant, log_normalizers = ctx.saved_tensors
+        hidden, weight, constant, saved = ctx.saved_tensors
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [N, D]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, D]
         for chunk in _chunks(hidden.shape[0], ctx.chunk_size):
             for block in _chunks(weight.shape[0], ctx.vocab_chunk_size):
                 logits = _project(hidden[chunk], weight[block])  # [C, Vb]
                 grad_logits = ctx.reduction.grad_logits(
-                    logits, block, constant[chunk], log_normalizers[chunk], weight=weight
+                    logits, block, constant[chunk], saved[chunk], weight=weight
                 ).mul_(grad_values[chunk, None])  # [C, Vb]
                 if ctx.needs_input_grad[0]:
                     grad_hidden[chunk] += grad_logits @ weight[block].float()
@@ -373,20 +409,25 @@ def token_kl(
     teacher_hidden: Tensor,
     weight: Tensor,
     *,
+    direction: KLDirection = "forward",
     chunk_size: int = 1024,
     vocab_chunk_size: int = 16384,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """OPSD's per-token ``KL(p_T ‖ p_θ) = Σ_v p_T(v) (log p_T(v) - log p_θ(v))`` over the full vocabulary.
+    """Per-token KL between student and teacher over the full vocabulary, unscaled logits (T = 1).
+
+    - ``direction="forward"`` (OPSD): ``KL(p_T ‖ p_θ) = Σ_v p_T(v) (log p_T(v) - log p_θ(v))``.
+    - ``direction="reverse"`` (CRISP): ``KL(p_θ ‖ p_T) = Σ_v p_θ(v) (log p_θ(v) - log p_T(v))``.
 
     Both distributions are built from the same output projection (same backbone). The teacher is a
     constant: the gradient flows to ``student_hidden`` only (and to ``weight`` through the student
-    side only, if it requires grad).
+    side only, if it requires grad). Both directions are one chunked reduction (see the module docstring).
 
     Args:
         student_hidden: ``[B, T, D]`` student hidden states predicting each completion token.
         teacher_hidden: ``[B, T, D]`` teacher hidden states at the same completion tokens.
         weight: ``[V, D]`` output projection.
+        direction: ``"forward"`` or ``"reverse"``, as above.
         chunk_size: Flat positions (over ``B * T``) processed at once.
         vocab_chunk_size: Rows of ``weight`` projected at once.
         mask: Optional ``[B, T]`` bool; only positions where it is set are projected, others give 0.
@@ -394,9 +435,11 @@ def token_kl(
     Returns:
         ``[B, T]`` float32 KL divergences in nats.
     """
+    if direction not in _KL:
+        raise ValueError(f"direction must be one of {get_args(KLDirection)}, got {direction!r}")
     _check_projection(student_hidden, weight, chunk_size, vocab_chunk_size, mask, "student_hidden")
     check_shape(teacher_hidden, tuple(student_hidden.shape), "teacher_hidden")
     flat_student = _flat_positions(student_hidden, mask)  # [M, D]
     flat_teacher = _flat_positions(teacher_hidden.detach(), mask)  # [M, D]
-    kl = _reduce(flat_student, weight, flat_teacher, _KL, chunk_size, vocab_chunk_size)  # [M]
+    kl = _reduce(flat_student, weight, flat_teacher, _KL[direction], chunk_size, vocab_chunk_size)  # [M]
     return _unflatten(kl, mask, student_hidden.shape[:2])  # [B, T]

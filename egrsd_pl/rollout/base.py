@@ -3,6 +3,12 @@
 An engine turns prompt token ids into sampled completions of the *current* student policy.
 Prompts go in as token ids and completions come out as token ids, so the exact sampled ids are
 what the student and the teacher later score (never re-tokenised text).
+
+No silent truncation: a completion ends at a stop token or at ``max_new_tokens`` (then it is
+``truncated``), nowhere else. Whoever asks for completions checks first that the longest prompt plus
+``max_new_tokens`` fits both the model's context (:func:`model_context_length`) and the engine's own
+cap (:meth:`RolloutEngine.max_sequence_length`) with :func:`check_sequence_fits`, which fails with
+one line naming the flag to change; engines check every request again before generating.
 """
 
 from __future__ import annotations
@@ -103,3 +109,60 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases the engine's resources."""
+
+    def reserve_length(self, tokens: int) -> None:  # noqa: B027 - optional hook
+        """Declares, before the first ``generate``, that sequences of ``tokens`` (prompt + completion)
+        must fit. Engines that size a cache at start-up (vLLM's ``max_model_len``) size it from the
+        largest reservation; an engine already started with a smaller cap raises ``ValueError``."""
+
+    def max_sequence_length(self) -> tuple[int, str] | None:
+        """The engine's own cap on prompt + completion tokens and the flag that sets it, or ``None``
+        when only the model's context bounds it (or the cap is still to be sized by reservations)."""
+        return None
+
+
+class SequenceTooLongError(ValueError):
+    """A prompt plus ``max_new_tokens`` does not fit the model's context or the engine's cap."""
+
+
+def model_context_length(model: Any) -> int | None:
+    """The model's context in tokens, ``config.max_position_embeddings`` (``None`` if its config has none)."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def check_sequence_fits(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    *,
+    model_context: int | None,
+    engine_limit: tuple[int, str] | None,
+    new_tokens_flag: str,
+    prompt_name: str,
+) -> None:
+    """Fails, before anything is generated, when ``prompt_tokens + max_new_tokens`` cannot fit.
+
+    Args:
+        prompt_tokens: Length of the longest prompt that will be sent.
+        max_new_tokens: The completion cap that will be asked for.
+        model_context: The model's context (:func:`model_context_length`); ``None``: unknown.
+        engine_limit: ``(cap, flag)`` of the engine (:meth:`RolloutEngine.max_sequence_length`).
+        new_tokens_flag: The flag that set ``max_new_tokens`` (named in the error).
+        prompt_name: What the prompt is, for the error (``"the longest evaluation prompt"``).
+
+    Raises:
+        SequenceTooLongError: One line naming the flag, the lengths and the bound.
+    """
+    needed = prompt_tokens + max_new_tokens
+    ask = f"{new_tokens_flag} {max_new_tokens:,} plus {prompt_name} ({prompt_tokens:,} tokens) = {needed:,} tokens"
+    if model_context is not None and needed > model_context:
+        raise SequenceTooLongError(
+            f"{ask} exceed the model's context (max_position_embeddings {model_context:,}); "
+            f"set {new_tokens_flag} to at most {max(model_context - prompt_tokens, 0):,}"
+        )
+    if engine_limit is not None and needed > engine_limit[0]:
+        cap, flag = engine_limit
+        raise SequenceTooLongError(
+            f"{ask} exceed the rollout engine's cap {flag} {cap:,}; raise it to at least {needed:,} "
+            "(or set it to null: sized from what the run needs)"
+        )

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.base import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    check_sequence_fits,
+    model_context_length,
+)
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -16,6 +22,8 @@ class HFGenerateEngine(RolloutEngine):
 
     Always on-policy by construction (it reads the weights being trained), needs no weight sync and
     no extra memory; slower than vLLM. Prompts are left-padded into batches of ``batch_size``.
+    Its only length bound is the model's context (``max_position_embeddings``): a request whose
+    prompt plus ``max_new_tokens`` exceeds it fails before generating.
 
     Args:
         batch_size: Prompts per ``generate`` call (each expands to ``num_rollouts`` sequences).
@@ -35,6 +43,16 @@ class HFGenerateEngine(RolloutEngine):
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
         if self._model is None:
             raise RuntimeError("HFGenerateEngine.generate called before setup()")
+        if not prompt_ids:
+            return []
+        check_sequence_fits(
+            max(len(p) for p in prompt_ids),
+            sampling.max_new_tokens,
+            model_context=model_context_length(self._model),
+            engine_limit=None,
+            new_tokens_flag="max_new_tokens",
+            prompt_name="the longest prompt of the call",
+        )
         rollouts: list[Rollout] = []
         with _sampling_rng(self._model, sampling.seed):
             for start in range(0, len(prompt_ids), self.batch_size):
@@ -83,8 +101,15 @@ class HFGenerateEngine(RolloutEngine):
         rollouts = []
         for row, ids in enumerate(completions):
             cut = next((i + 1 for i, tok in enumerate(ids) if tok in stop_ids), None)
-            kept = ids[:cut] if cut is not None else [t for t in ids if t != pad_id or pad_id in stop_ids]
-            truncated = cut is None and len(kept) >= sampling.max_new_tokens
+            # Without a stop token a row ran the whole max_new_tokens (generation ends when every row
+            # has stopped or the cap is reached), so every one of its ids was sampled.
+            if cut is None and len(ids) != sampling.max_new_tokens:
+                raise RuntimeError(
+                    f"generate ended a completion after {len(ids)} tokens without a stop token, "
+                    f"before max_new_tokens {sampling.max_new_tokens}"
+                )
+            kept = ids[:cut] if cut is not None else ids
+            truncated = cut is None
             rollouts.append(
                 Rollout(
                     prompt_index=offset + row // sampling.num_rollouts,

