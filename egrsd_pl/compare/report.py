@@ -127,8 +127,8 @@ def comparison_markdown(summaries: Sequence[MethodSummary], *, command: str, pen
 
 def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
     """Fig. 1: one point per method at (mean AvgLen, mean Avg.) with ±1 seed std error bars in both
-    directions, the Pareto frontier as a dashed staircase through its members, the untrained model as a
-    grey star. A matplotlib ``Figure`` on an Agg canvas (no pyplot state)."""
+    directions, the Pareto frontier as a dashed staircase through its members (edged in black, labels in
+    bold), the untrained model as a grey star. A matplotlib ``Figure`` on an Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -143,19 +143,15 @@ def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
         yerr = 0.0 if math.isnan(s.avg.std) else s.avg.std
         marker, size, color = ("*", 14, "0.4") if not s.trained else ("o", 7, colors[i % len(colors)])
         axes.errorbar(
-            x,
-            y,
-            xerr=xerr,
-            yerr=yerr,
-            capsize=3,
-            linestyle="none",
-            marker=marker,
-            markersize=size,
-            color=color,
-        )
-        name = f"{s.label} (n={len(s.runs)})" + (" — no training" if not s.trained else "")
+            x, y, xerr=xerr, yerr=yerr, capsize=3, linestyle="none", marker=marker, markersize=size, color=color,
+            markeredgecolor="black" if s.on_frontier else color, markeredgewidth=1.5 if s.on_frontier else 1,
+            label="no training" if not s.trained else None,
+        )  # fmt: skip
         weight = "bold" if s.on_frontier else "normal"
-        axes.annotate(name, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8, weight=weight)
+        axes.annotate(
+            f"{s.label} (n={len(s.runs)})", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8,
+            weight=weight,
+        )  # fmt: skip
     frontier = sorted((s.avg_len.mean, s.avg.mean) for s in shown if s.on_frontier)
     if len(frontier) > 1:
         xs, ys = [frontier[0][0]], [frontier[0][1]]
@@ -163,6 +159,8 @@ def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
             xs += [x, x]
             ys += [ys[-1], y]
         axes.plot(xs, ys, "--", color="0.3", linewidth=1, label="Pareto frontier")
+    axes.margins(x=0.2, y=0.1)  # room for the labels
+    if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="lower right", fontsize=8)
     k = k_of(summaries)
     axes.set_xlabel("AvgLen (tokens) — shorter is better")
