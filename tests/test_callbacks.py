@@ -6,6 +6,7 @@ The same callbacks on the tiny Qwen3 through the real CLI are in ``test_resume.p
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -14,12 +15,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.checkpoint import AdapterCheckpoint, adapter_dir, restore_rng_states, rng_states
+from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, checkpoint_damage
+from egrsd_pl.teacher import Teacher
 
 # ---------------------------------------------------------------- teacher schedule
 
@@ -55,16 +60,25 @@ def test_teacher_update_validates_its_flags(kwargs, flag):
         TeacherUpdate(**kwargs)
 
 
+class _RecordingTeacher(Teacher):
+    """A :class:`Teacher` without adapters that records the α of each update."""
+
+    def __init__(self, schedule) -> None:
+        super().__init__(schedule)
+        self.alphas: list[float] = []
+
+    def blend(self, alpha: float) -> None:
+        self.alphas.append(alpha)
+
+
 class _RecordingModule:
-    """Stands in for EGRSDModule: records the α of each teacher update."""
+    """Stands in for EGRSDModule: a recording teacher, and the statistics the callbacks hand over."""
 
     def __init__(self, teacher: str = "ema") -> None:
-        self.alphas: list[float] = []
-        self.hparams = SimpleNamespace(teacher=teacher)
+        self.teacher = _RecordingTeacher(teacher)
+        self.alphas = self.teacher.alphas
+        self.reward_statistics = None
         self.device = torch.device("cpu")
-
-    def update_teacher(self, alpha: float) -> None:
-        self.alphas.append(alpha)
 
     def log(self, *args, **kwargs) -> None:
         pass
@@ -74,8 +88,9 @@ class _RecordingModule:
 
 
 def _run_batches(callback: L.Callback, module, global_steps: list[int], trainer=None) -> None:
-    """Calls ``on_train_batch_end`` once per micro-batch, with the trainer's step counter after it."""
+    """``setup``, then ``on_train_batch_end`` once per micro-batch, with the trainer's step counter after it."""
     trainer = trainer or SimpleNamespace(global_step=0)
+    callback.setup(trainer, module, "fit")
     for batch_idx, step in enumerate(global_steps):
         trainer.global_step = step
         callback.on_train_batch_end(trainer, module, None, None, batch_idx)
@@ -85,7 +100,7 @@ def test_hard_copy_fires_exactly_at_multiples_of_k_with_alpha_zero():
     callback, module = TeacherUpdate("hard_copy", every_k_steps=3), _RecordingModule("hard_copy")
     _run_batches(callback, module, list(range(1, 11)))  # optimizer steps 1..10
     assert module.alphas == [0.0, 0.0, 0.0]  # after steps 3, 6, 9
-    assert callback.num_updates == 3 and callback.state_dict()["last_updated_step"] == 9
+    assert module.teacher.num_updates == 3 and callback.state_dict()["last_updated_step"] == 9
 
 
 def test_ema_fires_once_per_optimizer_step_under_gradient_accumulation():
@@ -98,11 +113,15 @@ def test_ema_fires_once_per_optimizer_step_under_gradient_accumulation():
 def test_teacher_update_state_round_trip_and_schedule_change_is_refused():
     callback = TeacherUpdate("hard_copy", every_k_steps=2)
     _run_batches(callback, _RecordingModule("hard_copy"), [1, 2, 3, 4])
-    restored = TeacherUpdate("hard_copy", every_k_steps=2)
+    restored, module = TeacherUpdate("hard_copy", every_k_steps=2), _RecordingModule("hard_copy")
+    restored.setup(None, module, "fit")
     restored.load_state_dict(callback.state_dict())
     assert restored.state_dict() == {"schedule": "hard_copy", "num_updates": 2, "last_updated_step": 4}
+    assert module.teacher.state_dict() == restored.state_dict()  # the state lives in the module's teacher
+    ema = TeacherUpdate("ema")
+    ema.setup(None, _RecordingModule("ema"), "fit")
     with pytest.raises(ValueError, match="cannot change on resume"):
-        TeacherUpdate("ema").load_state_dict(callback.state_dict())
+        ema.load_state_dict(callback.state_dict())
 
 
 def test_teacher_update_refuses_a_checkpoint_without_teacher_adapter():
@@ -148,9 +167,7 @@ def test_ema_teacher_after_one_update_is_alpha_teacher_plus_one_minus_alpha_stud
     _randomize(student, seed=1)
     _randomize(teacher, seed=2)
     before_student, before_teacher = _clone(student), _clone(teacher)
-    TeacherUpdate("ema", ema_alpha=0.99).on_train_batch_end(
-        SimpleNamespace(global_step=1), module, None, None, 0
-    )
+    _run_batches(TeacherUpdate("ema", ema_alpha=0.99), module, [1])
     for key, updated in module.adapter_parameters("teacher").items():
         expected = 0.99 * before_teacher[key] + 0.01 * before_student[key]
         assert torch.allclose(updated, expected, rtol=0, atol=1e-7), key  # float32 rounding only
@@ -164,6 +181,7 @@ def test_hard_copy_makes_the_teacher_equal_the_student_only_at_multiples_of_k(ti
     callback = TeacherUpdate("hard_copy", every_k_steps=2)
     _randomize(module.adapter_parameters("default"), seed=3)
     trainer = SimpleNamespace(global_step=1)
+    callback.setup(trainer, module, "fit")
     callback.on_train_batch_end(trainer, module, None, None, 0)  # step 1: not a multiple of 2
     assert all(
         not torch.equal(t, module.adapter_parameters("default")[k])
@@ -214,10 +232,12 @@ def test_reward_statistics_merge_once_per_optimizer_step_after_all_micro_batches
     trainer = SimpleNamespace(global_step=0, strategy=_GatherIdentity())
     # Step 1 = two micro-batches (accumulation 2); the advantage of both uses the statistics before step 1.
     assert torch.equal(callback.stats.advantages(torch.tensor([1.0, 0.0])), torch.tensor([0.5, -0.5]))
-    callback.record(torch.tensor([1.0, 0.0]))
+    _run_batches(callback, module, [], trainer)  # setup: the module now reads the callback's statistics
+    assert module.reward_statistics is callback.stats
+    callback.stats.record(torch.tensor([1.0, 0.0]))
     _run_batches(callback, module, [0], trainer)  # micro-batch 1: no optimizer step, nothing merged
     assert callback.stats.count == 0
-    callback.record(torch.tensor([1.5, 0.5]))
+    callback.stats.record(torch.tensor([1.5, 0.5]))
     _run_batches(callback, module, [1], trainer)  # micro-batch 2 stepped: merge all four rewards
     # rewards 1, 0, 1.5, 0.5: mean 0.75; squared deviations 0.0625 + 0.5625 + 0.5625 + 0.0625 = 1.25 -> var 0.3125
     assert callback.stats.count == 4 and callback.stats.steps == 1
@@ -231,7 +251,7 @@ def test_reward_statistics_merge_once_per_optimizer_step_after_all_micro_batches
 
 def test_reward_statistics_state_round_trip():
     callback = RewardStatistics()
-    callback.record(torch.tensor([0.25, 1.0, 0.0]))
+    callback.stats.record(torch.tensor([0.25, 1.0, 0.0]))
     _run_batches(
         callback, _RecordingModule(), [1], SimpleNamespace(global_step=0, strategy=_GatherIdentity())
     )
@@ -398,7 +418,7 @@ def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(
             signal_at = _SendSignal(
                 signum, at_batch=accumulate
             )  # micro-batch 1 (no accumulation) or 2 (of 2)
-            _trainer(tmp_path / "b", [checkpoint, signal_at], **options).fit(first)
+            _trainer(tmp_path / "b", [checkpoint, GracefulStop(), signal_at], **options).fit(first)
         assert stopped.value.code == exit_code  # SIGTERM: Lightning's SIGTERMException; Ctrl-C: exit 1
         saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
         assert saved["global_step"] == 2  # step 2 finished before stopping
@@ -412,3 +432,61 @@ def test_signal_finishes_the_step_checkpoints_and_the_resumed_run_matches(
         assert torch.equal(resumed.w, straight.w)
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- atomic checkpoint files
+
+
+class _KilledMidWrite(TorchCheckpointIO):
+    """Writes the first half of the checkpoint's bytes, then dies (as a process killed mid-write would)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        raise KeyboardInterrupt
+
+
+def test_a_write_killed_midway_leaves_the_previous_last_checkpoint_whole(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4}, target)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO(_KilledMidWrite()).save_checkpoint(
+            {"global_step": 6, "big": torch.zeros(10_000)}, target
+        )
+    assert checkpoint_damage(target) is None
+    assert torch.load(target, weights_only=True) == {"global_step": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Checkpoint directory .* exists and is not empty"
+)  # the resume, on purpose
+def test_truncated_last_checkpoint_names_the_newest_intact_one_and_resuming_from_it_is_exact(tmp_path):
+    straight = _Linear([1.0, -2.0])
+    _trainer(tmp_path / "a", [], enable_checkpointing=False, max_steps=6).fit(straight)
+
+    folder = tmp_path / "b"
+    first = _Linear([1.0, -2.0])
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    _trainer(folder, [checkpoint], max_steps=4).fit(first)
+    last = folder / "last.ckpt"
+    intact = folder / "epoch=0-step=4.ckpt"
+    os.utime(intact, (last.stat().st_mtime + 1,) * 2)  # newest on disk, whatever the clock's resolution
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a half-written file
+    assert checkpoint_damage(last) is not None and checkpoint_damage(intact) is None
+
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    with pytest.raises(DamagedCheckpointError) as error:
+        _trainer(folder, [checkpoint], max_steps=6).fit(_Linear([1.0, -2.0]), ckpt_path=str(last))
+    message = str(error.value)
+    assert (
+        "\n" not in message
+        and str(last) in message
+        and f"the newest intact checkpoint there is {str(intact)!r}" in message
+    )
+
+    resumed = _Linear([1.0, -2.0])
+    checkpoint = AdapterCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_adapter=False)
+    _trainer(folder, [checkpoint], max_steps=6).fit(resumed, ckpt_path=str(intact))
+    assert torch.equal(resumed.w, straight.w)  # 4 + 2 steps equal 6 straight steps, AdamW moments included

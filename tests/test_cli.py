@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from egrsd_pl.cli import EGRSDCLI, build_cli
+from egrsd_cli import EGRSDCLI, build_cli
 from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,13 @@ def parse(*args: str):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_parses_and_names_its_command(config: Path):
     first_line = config.read_text().splitlines()[0]
-    assert first_line == f"# python main.py fit --config {config.relative_to(ROOT)}"
+    if config.name == "cpu_rehearsal.yaml":  # layered over a paper config
+        assert (
+            first_line
+            == f"# python main.py fit --config configs/egrsd.yaml --config {config.relative_to(ROOT)}"
+        )
+    else:
+        assert first_line == f"# python main.py fit --config {config.relative_to(ROOT)}"
     parsed = parse("--config", str(config))
     assert parsed.model.objective in {"sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"}
 

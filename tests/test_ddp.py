@@ -81,7 +81,13 @@ class RecordStep(L.Callback):
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
-        self.record: dict[str, Any] = {"loss": [], "grads": [], "entropy_max": []}
+        self.record: dict[str, Any] = {
+            "loss": [],
+            "grads": [],
+            "entropy_max": [],
+            "normaliser": [],
+            "local": {},
+        }
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         original = pl_module.entropy_max
@@ -93,6 +99,13 @@ class RecordStep(L.Callback):
             return used
 
         pl_module.entropy_max = entropy_max  # type: ignore[method-assign]
+        log = pl_module.log
+
+        def log_locally_too(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self.record["local"][name] = float(value)  # this rank's value, before any reduction
+            log(name, value, *args, **kwargs)
+
+        pl_module.log = log_locally_too  # type: ignore[method-assign]
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
@@ -102,12 +115,15 @@ class RecordStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["loss"].append(float(outputs["loss"]))
+        normaliser = outputs["token_quantities"].entropy_max  # what the gate divided by, detached
+        self.record["normaliser"].append(None if normaliser is None else float(normaliser))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from callbacks.reward_statistics import RewardStatistics
 
         stats = next(c for c in trainer.callbacks if isinstance(c, RewardStatistics))
         self.record.update(
+            metrics={name: float(value) for name, value in trainer.callback_metrics.items()},  # synced
             reward_stats=stats.state_dict(),
             student={k: v.detach().clone() for k, v in pl_module.adapter_parameters("default").items()},
             teacher={k: v.detach().clone() for k, v in pl_module.adapter_parameters("teacher").items()},
@@ -153,7 +169,7 @@ def run_main(workdir: Path, model_dir: str, *args: str) -> None:
 
 def run_in_process(workdir: Path, model_dir: str, *args: str) -> None:
     """The same run in this process (one device): no interpreter start-up, one torch thread."""
-    from egrsd_pl.cli import build_cli
+    from egrsd_cli import build_cli
 
     workdir.mkdir(parents=True, exist_ok=True)
     previous, threads = Path.cwd(), torch.get_num_threads()
@@ -204,6 +220,17 @@ def test_two_process_ddp_step_equals_one_process_step_with_global_entropy_max(ti
     (local0, used0), (local1, used1) = rank0["entropy_max"][0], rank1["entropy_max"][0]
     assert local0 != local1  # the scope matters for this batch
     assert used0 == used1 == max(local0, local1) == one["entropy_max"][0][1]
+
+    # Logged extremes reduce with max / min over the ranks (not the mean), and equal the 1-process values.
+    (local0, local1), synced = (rank0["local"], rank1["local"]), (rank0["metrics"], rank1["metrics"])
+    for name, reduce in (("entropy/max", max), ("gate/omega_min", min)):
+        assert local0[name] != local1[name]  # a mean would differ from both
+        assert synced[0][name] == synced[1][name] == reduce(local0[name], local1[name])
+        assert synced[0][name] == pytest.approx(one["metrics"][name], abs=1e-6)
+    # The normaliser the gate used: after the all-reduce, floored at 1 nat; logged and handed to callbacks.
+    normaliser = max(used0, 1.0)
+    assert rank0["normaliser"] == rank1["normaliser"] == one["normaliser"] == [normaliser]
+    assert synced[0]["entropy/normaliser"] == synced[1]["entropy/normaliser"] == pytest.approx(normaliser)
 
     # DDP minimises the mean of the per-rank losses: equal token counts make it the global loss.
     loss_diff = abs((rank0["loss"][0] + rank1["loss"][0]) / 2 - one["loss"][0])

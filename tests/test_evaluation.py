@@ -35,7 +35,7 @@ from egrsd_pl.evaluation import (
 )
 from egrsd_pl.problem import Problem
 from egrsd_pl.prompts import PromptBuilder
-from egrsd_pl.rewards import AnswerVerifier, verify_answer
+from egrsd_pl.rewards import AnswerVerifier
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig
 from egrsd_pl.rollout.hf import HFGenerateEngine
 from egrsd_pl.testbed.synthetic import synthetic_problems
@@ -440,7 +440,7 @@ def test_greedy_avg_at_1_equals_a_plain_greedy_loop(tiny_model_dir: Path) -> Non
     engine.setup(model, tokenizer, model_path=str(tiny_model_dir), seed=0)
     result = evaluate(engine, builder, {"synthetic": held_out}, sampling=greedy, progress=False)
 
-    texts, verdicts = [], []
+    texts = []
     for problem in held_out:
         prompt = torch.tensor([builder.student_prompt_ids(problem.problem)])  # [1, L]
         with torch.no_grad():
@@ -448,7 +448,8 @@ def test_greedy_avg_at_1_equals_a_plain_greedy_loop(tiny_model_dir: Path) -> Non
                 prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=192, do_sample=False
             )  # [1, L + new]
         texts.append(tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True))
-        verdicts.append(verify_answer(texts[-1], problem.answer))
+    with AnswerVerifier() as checker:
+        verdicts = checker.verify_batch(texts, [problem.answer for problem in held_out])
     assert [s.completion for s in result.samples] == texts
     assert [s.correct for s in result.samples] == verdicts
     assert result.benchmarks["synthetic"].avg_at_k == pytest.approx(100.0 * sum(verdicts) / len(verdicts))

@@ -162,7 +162,7 @@ def test_token_advantages_and_policy_gradient_loss_hand_computed():
         (lambda h, m: confidence_gate(h, m, gamma=-0.1), "gamma"),
         (lambda h, m: confidence_gate(h, m, gamma=0.3, window=-1), "window"),
         (lambda h, m: confidence_gate(h, m, gamma=0.3, window=1.5), "window"),
-        (lambda h, m: confidence_gate(h, m, gamma=0.3, floor=1.5), "floor"),
+        (lambda h, m: confidence_gate(h, m, gamma=0.3, omega_floor=1.5), "omega_floor"),
         (lambda h, m: confidence_gate(h, m, gamma=0.3, entropy_max=-1.0), "entropy_max"),
         (lambda h, m: confidence_gate(h, m.float(), gamma=0.3), "mask"),
         (lambda h, m: confidence_gate(h, m[:, :2], gamma=0.3), "mask"),

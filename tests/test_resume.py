@@ -25,7 +25,7 @@ import torch
 from callbacks.checkpoint import adapter_dir
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
-from egrsd_pl.cli import build_cli
+from egrsd_cli import build_cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -221,7 +221,7 @@ def test_adapter_beside_the_checkpoint_loads_with_plain_peft_and_gives_the_modul
     module.policy.eval()
     with torch.no_grad():
         student_logits = module.policy(input_ids=input_ids).logits  # [1, 8, V]
-        with module.teacher_weights():
+        with module.teacher.weights():
             teacher_logits = module.policy(input_ids=input_ids).logits  # [1, 8, V]
     for subfolder, expected in (("", student_logits), ("teacher", teacher_logits)):
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -262,7 +262,8 @@ def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, 
     assert (stats["stats"]["steps"], stats["stats"]["count"]) == (4, 12)
     assert stats["stats"]["mean"] > 0 and stats["stats"]["m2"] > 0  # σ_r > 0: the statistics were used
     teacher = next(c for c in straight.trainer.callbacks if isinstance(c, TeacherUpdate))
-    assert teacher.num_updates == 4  # once per optimizer step, not per micro-batch
+    assert teacher.teacher is straight.model.teacher  # the callback drives the module's teacher
+    assert straight.model.teacher.num_updates == 4  # once per optimizer step, not per micro-batch
 
 
 def test_crisp_resume_across_a_teacher_refresh_is_exact(tiny_model_dir, tmp_path):

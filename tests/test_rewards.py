@@ -17,7 +17,6 @@ from egrsd_pl.rewards import (
     extract_boxed_answer,
     extract_final_answer,
     length_shaped_reward,
-    verify_answer,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -123,11 +122,6 @@ def test_verify_batch(verifier, completion, gold, expected):
     assert verifier.verify_batch([completion], [gold]) == [expected]
 
 
-def test_verify_answer_module_function():
-    assert verify_answer("<think>7 * 6</think> \\boxed{42}", "42") is True
-    assert verify_answer("<think>7 * 6</think> \\boxed{\\sqrt{2}}", "42") is False
-
-
 def test_fast_path_agrees_with_math_verify(verifier):
     pairs = [("5", "5"), ("5", "6"), ("-3", "-3"), ("007", "7"), ("0.5", "0.50"), ("5", "5.0"), ("0", "-0")]
     pairs += [("12345678901234567890", "12345678901234567891"), ("2.5", "2.500004"), ("0.5", "0.5000001")]
@@ -170,9 +164,12 @@ def test_guards(answer, guarded):
 
 def test_pathological_answers_are_false_in_a_worker_thread():
     results = []
-    thread = threading.Thread(target=lambda: results.extend(verify_answer(p, "5") for p in PATHOLOGICAL))
-    thread.start()
-    thread.join(timeout=120)  # a hang guard, not a timing assertion
+    with AnswerVerifier() as checker:
+        thread = threading.Thread(
+            target=lambda: results.extend(checker.verify_batch(PATHOLOGICAL, ["5"] * 3))
+        )
+        thread.start()
+        thread.join(timeout=120)  # a hang guard, not a timing assertion
     assert not thread.is_alive()
     assert results == [False, False, False]
 
@@ -282,10 +279,11 @@ def test_verification_in_dataloader_workers():
             return 4
 
         def __getitem__(self, index):
-            return verify_answer(f"\\boxed{{\\frac{{{index}}}{{2}}}}", str(index / 2))
+            return checker.verify_batch([f"\\boxed{{\\frac{{{index}}}{{2}}}}"], [str(index / 2)])[0]
 
-    loader = torch_data.DataLoader(Completions(), batch_size=None, num_workers=2)
-    assert [bool(ok) for ok in loader] == [True, True, True, True]
+    with AnswerVerifier() as checker:  # each forked DataLoader worker starts its own verifier process
+        loader = torch_data.DataLoader(Completions(), batch_size=None, num_workers=2)
+        assert [bool(ok) for ok in loader] == [True, True, True, True]
 
 
 # ---------------------------------------------------------------------- agreement with math-verify's tests

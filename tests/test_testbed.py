@@ -16,12 +16,13 @@ from egrsd_pl.testbed import (
     build_testbed,
     cached_testbed_dir,
     ensure_testbed,
+    packaged_testbed_dir,
     resolve_model_path,
     synthetic_problems,
 )
 from egrsd_pl.testbed import build as build_module
 from egrsd_pl.testbed.synthetic import split_of, worked_problems
-from egrsd_pl.testbed.warmstart import TEACHER_SHARE, _lr_factor, _ThreadChooser, boxed_answer, example_stream
+from egrsd_pl.testbed.warmstart import TEACHER_SHARE, _lr_factor, boxed_answer, example_stream, state_digest
 
 
 @pytest.fixture(scope="module")
@@ -202,28 +203,6 @@ def test_lr_factor_hand_checked() -> None:
     assert _lr_factor(100, 1.0, warmup_steps=30) == pytest.approx(0.1)  # floor
 
 
-def test_thread_chooser_keeps_the_faster_setting() -> None:
-    original = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        chooser = _ThreadChooser(probe_every_s=60.0, window=2)
-        for _ in range(2):
-            chooser.record(1.0, now=0.0)  # two threads: 1 s per token
-        chooser.record(1.0, now=100.0)  # probe time: switch to one thread
-        assert torch.get_num_threads() == 1
-        chooser.record(5.0, now=101.0)  # 5x slower: the probe ends at once, back to two threads
-        assert torch.get_num_threads() == 2 and chooser.next_probe == 161.0
-        chooser.record(1.0, now=200.0)  # next probe
-        assert torch.get_num_threads() == 1
-        chooser.record(0.5, now=201.0)
-        chooser.record(0.5, now=202.0)  # one thread is faster over the window: kept
-        assert torch.get_num_threads() == 1
-        chooser.restore()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(original)
-
-
 def test_boxed_answer_takes_the_last_box_after_thinking() -> None:
     assert boxed_answer("<think>\n\\boxed{1}\n</think>\n\nSo \\boxed{2} or \\boxed{ 3 }") == "3"
     assert boxed_answer("<think>\nx = \\boxed{4}\n</think>\n\nno box") is None
@@ -234,7 +213,8 @@ def test_boxed_answer_takes_the_last_box_after_thinking() -> None:
 def test_warm_start_smoke(tmp_path: Path) -> None:
     folder = build_testbed(tmp_path / "tb", budget_s=3.0, seed=0, progress=False, eval_problems=4)
     report = json.loads((folder / "testbed.json").read_text())
-    assert report["sft_steps"] == report["sft_steps_planned"] == 33  # round(3 / 0.09)
+    assert report["sft_steps"] == 33  # round(3 / 0.09)
+    assert report["prefix_steps"] is None  # a build shorter than PREFIX_STEPS records no prefix
     assert report["sft_examples"] == 16 * 33
     assert 0.0 <= report["greedy_accuracy"] <= 1.0 and report["eval_problems"] == 4
     assert 1 <= report["mean_completion_length"] <= 192
@@ -243,9 +223,52 @@ def test_warm_start_smoke(tmp_path: Path) -> None:
     }
 
 
-def test_tiny_model_dir_fixture_is_warm_started(tiny_model_dir: Path) -> None:
+def test_tiny_model_dir_fixture_is_the_packaged_testbed(tiny_model_dir: Path) -> None:
     report = json.loads((tiny_model_dir / "testbed.json").read_text())
-    assert report["sft_steps"] > 0 and report["budget_s"] > 0
+    assert report["version"] == TESTBED_VERSION and report["seed"] == 0
+    assert (
+        report["sft_steps"] == build_module.sft_steps(build_module.DEFAULT_BUDGET_S) == 2333
+    )  # round(210 / 0.09)
+    assert packaged_testbed_dir() == build_module.PACKAGED_DIR
+    assert build_module.differing_files(tiny_model_dir, build_module.PACKAGED_DIR) == []
+
+
+def test_packaged_testbed_is_what_the_build_makes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A fresh build reproduces the shipped testbed: what this test proves, and what it does not.
+
+    Proves, byte for byte: the tokenizer files, ``config.json`` and ``generation_config.json`` of a
+    fresh build equal the shipped ones; the weights after the first ``PREFIX_STEPS`` (40) of the
+    2,333 warm-start steps, on this machine, hash to the ``prefix_sha256`` the shipped build recorded
+    at that step (same corpus, order, schedule and initialisation); the shipped ``model.safetensors``
+    holds the weights whose hash the build recorded at its end. It does not replay the other 2,293
+    steps (about 6 minutes on one core): ``python -m egrsd_pl.testbed verify`` does the whole build
+    and compares every file. Float sums can differ across CPU instruction sets and torch builds, so
+    the prefix is only compared under the torch version that made the shipped folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from egrsd_pl.testbed.build import _fresh_testbed, warm_start_prefix_digest
+
+    tokenizer, model = _fresh_testbed(seed=0)
+    tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+    ):
+        assert (tmp_path / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    shipped = json.loads((tiny_model_dir / "testbed.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert state_digest(loaded) == shipped["weights_sha256"]
+    assert shipped["prefix_steps"] == build_module.PREFIX_STEPS == 40
+    if shipped["torch"] != torch.__version__:
+        pytest.skip(
+            f"the shipped testbed was built with torch {shipped['torch']}, this is {torch.__version__}"
+        )
+    assert warm_start_prefix_digest(seed=0) == shipped["prefix_sha256"]
 
 
 # --- cache and resolution ----------------------------------------------------------------------
@@ -286,6 +309,9 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_model_path("/models/qwen3") == "/models/qwen3"
     monkeypatch.setenv("EGRSD_PL_CACHE", str(tmp_path))
     monkeypatch.setattr(build_module, "ensure_testbed", lambda **kw: cached_testbed_dir(**kw))
+    assert resolve_model_path("testbed:tiny") == str(build_module.PACKAGED_DIR)  # shipped: no build
+    assert resolve_model_path("testbed:tiny?seed=0") == str(build_module.PACKAGED_DIR)
+    monkeypatch.setattr(build_module, "PACKAGED_DIR", tmp_path / "not-shipped")
     assert resolve_model_path("testbed:tiny") == str(tmp_path / f"testbed-v{TESTBED_VERSION}-budget210-seed0")
     assert resolve_model_path("testbed:tiny?budget_s=30&seed=1") == str(
         tmp_path / f"testbed-v{TESTBED_VERSION}-budget30-seed1"
@@ -293,3 +319,20 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for bad in ("testbed:huge", "testbed:tiny?steps=3", "testbed:tiny?seed=x"):
         with pytest.raises(ValueError, match="testbed"):
             resolve_model_path(bad)
+
+
+def test_pyproject_ships_every_file_of_the_packaged_testbed() -> None:
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["egrsd_pl.testbed"]
+    package = root / "egrsd_pl" / "testbed"
+    shipped = [p.relative_to(package).as_posix() for p in build_module.PACKAGED_DIR.iterdir()]
+    assert {"model.safetensors", "tokenizer.json", "config.json", "testbed.json"} <= {
+        Path(p).name for p in shipped
+    }
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in shipped)
+    assert sum(p.stat().st_size for p in build_module.PACKAGED_DIR.iterdir()) < 3_000_000  # small: ~1.9 MB

@@ -89,7 +89,7 @@ def test_objective_trains_the_adapter_only(
 ):
     module, trainer = fit(tiny_model_dir, tmp_path, objective, **kwargs)
     assert_adapter_trained_base_untouched(module, trainer, tiny_model_dir)
-    if module.objective_spec.teacher == "kl":  # opsd, crisp: the loss is the mean token KL
+    if module.objective_spec.token_inputs == "token_kl":  # opsd, crisp: the loss is the mean token KL
         kl = trainer.callback_metrics["kl/mean"]
         assert torch.isfinite(kl) and float(kl) >= 0
         assert float(kl) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-6)
@@ -117,7 +117,7 @@ class TeacherProbe(L.Callback):
         self.teachers[step] = {k: v.detach().clone() for k, v in teacher.items()}
         # The teacher's hidden states on this batch equal the adapter-disabled base's, bit for bit.
         with torch.no_grad():
-            with pl_module.teacher_weights():
+            with pl_module.teacher.weights():
                 as_teacher = pl_module.completion_hidden(batch.teacher)
             with pl_module.policy.disable_adapter():
                 as_base = pl_module.completion_hidden(batch.teacher)

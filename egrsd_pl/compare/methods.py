@@ -144,7 +144,7 @@ def check_methods(path: str | Path, methods: Sequence[Method], base_args: Sequen
 
 def parse_error(args: list[str]) -> str | None:
     """``None`` when ``args`` parse as ``main.py fit`` arguments, else the parser's message (one line)."""
-    from egrsd_pl.cli import EGRSDCLI, build_cli
+    from egrsd_cli import EGRSDCLI, build_cli  # the composition root; imported only when parsing
 
     class ParseOnly(EGRSDCLI):
         def instantiate_classes(self) -> None:  # parse and validate only: no model, no data

@@ -45,10 +45,10 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
 
 
-def check_floor(floor: float) -> None:
-    """The lower clip of the confidence gate ``ω``: ``0 <= floor <= 1``."""
-    if not 0 <= floor <= 1:
-        raise ValueError(f"floor must be in [0, 1], got {floor}")
+def check_omega_floor(omega_floor: float) -> None:
+    """The lower clip of the confidence gate ``ω``: ``0 <= omega_floor <= 1``."""
+    if not 0 <= omega_floor <= 1:
+        raise ValueError(f"omega_floor must be in [0, 1], got {omega_floor}")
 
 
 def check_entropy_max(entropy_max: float | Tensor | None) -> None:

@@ -1,6 +1,6 @@
 """The seven training objectives behind one signature and one name switch (SPEC "The objectives").
 
-Every objective is ``loss(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)``;
+Every objective is ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`);
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
 quantities, advantages). ``rlsd`` is the ``egrsd`` path with ``gamma = 0``, not a copy.
 """
@@ -19,31 +19,32 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_floor,
     check_gamma,
     check_ndim,
+    check_omega_floor,
     check_shape,
     check_window,
 )
 from egrsd_pl.losses.token_weights import (
-    confidence_gate,
-    likelihood_ratio_magnitude,
-    masked_max,
-    masked_mean,
-    masked_min,
-    policy_gradient_loss,
-    token_advantages,
+    EntropyMax,
+    _confidence_gate,
+    _entropy_normaliser,
+    _likelihood_ratio_magnitude,
+    _masked_max,
+    _masked_mean,
+    _masked_min,
+    _policy_gradient_loss,
+    _token_advantages,
 )
 from egrsd_pl.losses.vocabulary import KLDirection
 
 ObjectiveName = Literal["sft", "grpo", "opsd", "rlsd", "egrsd", "cl_egrsd", "crisp"]
-EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 
 
 class ObjectiveInputs(NamedTuple):
     """Per-token tensors an objective reads; each objective names the ones it requires."""
 
-    student_logp: Tensor  # [B, T] log p_θ(y_t) with grad (sft: tokens of the reference solution)
+    student_logp: Tensor | None  # [B, T] log p_θ(y_t) with grad (sft: the reference solution); opsd: None
     mask: Tensor  # [B, T] bool
     advantages: Tensor | None = None  # [B] A_i: running statistics (rlsd/egrsd/cl_egrsd), group (grpo)
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
@@ -54,25 +55,64 @@ class ObjectiveInputs(NamedTuple):
 class LossStats(NamedTuple):
     """Detached 0-dim statistics of one loss evaluation; ``None`` where an objective has no such quantity.
 
-    Means, minima and maxima are over the masked tokens (0 when there are none).
+    Means, minima and maxima are over the masked tokens (0 when there are none); the module logs each
+    of them (``gate/*``, ``magnitude/*``, ``entropy/*``, ``kl/*``).
     """
 
-    num_tokens: Tensor | None = None  # Σ m
-    student_logp_mean: Tensor | None = None  # mean log p_θ(y_t)
     omega_mean: Tensor | None = None  # mean confidence gate ω
     omega_min: Tensor | None = None
     clip_frac_high: Tensor | None = None  # fraction of tokens with exp(D·δ) > 1 + ε
     clip_frac_low: Tensor | None = None  # fraction of tokens with exp(D·δ) < 1 - ε
-    magnitude_mean: Tensor | None = None  # mean w
-    logp_gap_mean: Tensor | None = None  # mean δ = log p_T(y_t) - log p_S(y_t)
     entropy_mean: Tensor | None = None  # mean raw teacher entropy
     entropy_max: Tensor | None = None  # local max of the raw teacher entropy (before any all-reduce)
-    token_adv_mean: Tensor | None = None  # mean Â
     kl_mean: Tensor | None = None  # mean token KL (opsd: forward, crisp: reverse)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The statistics that are set, by field name."""
         return {name: value for name, value in self._asdict().items() if value is not None}
+
+
+class TokenQuantities(NamedTuple):
+    """Detached per-token quantities of one training step: ``outputs["token_quantities"]`` in callbacks.
+
+    Attributes:
+        mask: ``[B, T]`` bool completion mask.
+        teacher_entropy: ``[B, T]`` raw teacher entropy in nats, or ``None`` (objectives without it).
+        delta: ``[B, T]`` ``δ = log p_T(y_t) − log p_S(y_t)``, or ``None``.
+        entropy_max: 0-dim normaliser the gate actually divided by, ``max(H_max, 1 nat)`` after any
+            all-reduce (``--model.entropy_scope global``), or ``None`` when no gate reads it.
+    """
+
+    mask: Tensor
+    teacher_entropy: Tensor | None
+    delta: Tensor | None
+    entropy_max: Tensor | None
+
+
+def token_quantities(inputs: ObjectiveInputs, entropy_max: Tensor | None) -> TokenQuantities:
+    """The :class:`TokenQuantities` of one step's objective inputs (detached).
+
+    Args:
+        inputs: The objective's inputs of the step.
+        entropy_max: The raw entropy maximum the gate read (after any all-reduce), or ``None``.
+    """
+    delta = None
+    if inputs.teacher_logp is not None and inputs.student_logp is not None:
+        delta = (inputs.teacher_logp - inputs.student_logp).detach()  # [B, T]
+    entropy = inputs.teacher_entropy.detach() if inputs.teacher_entropy is not None else None  # [B, T]
+    normaliser = _entropy_normaliser(entropy_max.detach()) if entropy_max is not None else None  # []
+    return TokenQuantities(inputs.mask, entropy, delta, normaliser)
+
+
+class ObjectiveSettings(NamedTuple):
+    """The hyperparameters every objective receives (validated by :func:`compute_objective`); each reads
+    the ones it uses: ``objective(inputs, settings) -> (loss, stats)``."""
+
+    gamma: float = 0.3  # γ of the confidence gate
+    window: int = 0  # CL look-ahead W (cl_egrsd only)
+    eps: float = 0.2  # magnitude clip ε
+    omega_floor: float = 0.1  # lower clip of ω
+    entropy_max: EntropyMax = None  # already-reduced raw entropy maximum, or None for this batch's
 
 
 def egrsd_loss(
@@ -85,7 +125,7 @@ def egrsd_loss(
     gamma: float,
     window: int = 0,
     eps: float = 0.2,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """EGRSD (``window = 0``) and CL-EGRSD (``window > 0``) loss, Algorithm 1 steps 6-11.
@@ -102,7 +142,7 @@ def egrsd_loss(
         gamma: ``γ >= 0`` of the confidence gate.
         window: CL window ``W >= 0``; 0 is EGRSD.
         eps: Magnitude clip ``ε`` in ``(0, 1)``.
-        floor: Lower clip of ``ω``.
+        omega_floor: Lower clip of ``ω``.
         entropy_max: Already-reduced maximum of the raw masked entropies (e.g. across ranks), or
             ``None`` for this batch's; see :func:`~egrsd_pl.losses.confidence_gate`.
 
@@ -115,35 +155,44 @@ def egrsd_loss(
     check_shape(teacher_entropy, shape, "teacher_entropy")
     check_shape(advantages, shape[:1], "advantages")
     check_bool_mask(mask, shape=shape)
+    settings = ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max)
+    _check_settings(settings)
+    return _egrsd_loss(student_logp, teacher_logp, teacher_entropy, advantages, mask, settings)
+
+
+def _egrsd_loss(
+    student_logp: Tensor,
+    teacher_logp: Tensor,
+    teacher_entropy: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    settings: ObjectiveSettings,
+) -> tuple[Tensor, LossStats]:
+    gamma, window, eps, omega_floor, entropy_max = settings
     teacher_logp, teacher_entropy, advantages = (
         teacher_logp.detach(),
         teacher_entropy.detach(),
         advantages.detach(),
     )
 
-    omega = confidence_gate(  # [B, T]
-        teacher_entropy, mask, gamma=gamma, window=window, floor=floor, entropy_max=entropy_max
+    omega = _confidence_gate(  # [B, T]
+        teacher_entropy, mask, gamma=gamma, window=window, omega_floor=omega_floor, entropy_max=entropy_max
     )
     direction = torch.sign(advantages)  # [B] D_i
-    magnitude = likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
-    token_advantage = token_advantages(advantages, magnitude, omega, mask)  # [B, T]
-    loss = policy_gradient_loss(token_advantage, student_logp, mask)
+    magnitude = _likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
+    token_advantage = _token_advantages(advantages, magnitude, omega, mask)  # [B, T]
+    loss = _policy_gradient_loss(token_advantage, student_logp, mask)
 
     with torch.no_grad():
         logp_gap = teacher_logp - student_logp.detach()  # [B, T] δ
         signed_log_ratio = direction[:, None] * logp_gap  # [B, T] D·δ
         stats = LossStats(
-            num_tokens=mask.sum(),
-            student_logp_mean=masked_mean(student_logp.detach(), mask),
-            omega_mean=masked_mean(omega, mask),
-            omega_min=masked_min(omega, mask),
-            clip_frac_high=masked_mean((signed_log_ratio > math.log1p(eps)).float(), mask),
-            clip_frac_low=masked_mean((signed_log_ratio < math.log1p(-eps)).float(), mask),
-            magnitude_mean=masked_mean(magnitude, mask),
-            logp_gap_mean=masked_mean(logp_gap, mask),
-            entropy_mean=masked_mean(teacher_entropy, mask),
-            entropy_max=masked_max(teacher_entropy, mask),
-            token_adv_mean=masked_mean(token_advantage, mask),
+            omega_mean=_masked_mean(omega, mask),
+            omega_min=_masked_min(omega, mask),
+            clip_frac_high=_masked_mean((signed_log_ratio > math.log1p(eps)).float(), mask),
+            clip_frac_low=_masked_mean((signed_log_ratio < math.log1p(-eps)).float(), mask),
+            entropy_mean=_masked_mean(teacher_entropy, mask),
+            entropy_max=_masked_max(teacher_entropy, mask),
         )
     return loss, stats
 
@@ -155,22 +204,13 @@ def _require(inputs: ObjectiveInputs, field: str, objective: str) -> Tensor:
     return value
 
 
-# Every objective has this signature; hyperparameters it does not use are ignored.
-#   objective(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)
-
-
-def sft_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
+def sft_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """Cross-entropy on the reference solution: ``L = -masked_mean(log p_θ(s*_t))``."""
-    loss = -masked_mean(inputs.student_logp, inputs.mask)
-    stats = LossStats(num_tokens=inputs.mask.sum(), student_logp_mean=-loss.detach())
-    return loss, stats
+    loss = -_masked_mean(_require(inputs, "student_logp", "sft"), inputs.mask)
+    return loss, LossStats()
 
 
-def grpo_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
+def grpo_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """On-policy GRPO: ``L = -(1 / Σ m) Σ m·A_i·log p_θ(y_t)`` with group-relative ``A_i``.
 
     Decision (ours): one optimizer update per batch of fresh rollouts, so the PPO importance
@@ -178,38 +218,24 @@ def grpo_objective(
     token-level normalised like the other objectives. No KL penalty to a reference model.
     """
     advantages = _require(inputs, "advantages", "grpo").detach()  # [B]
-    ones = torch.ones_like(inputs.student_logp.detach())  # [B, T] uniform magnitude, no gate
-    token_advantage = token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
-    loss = policy_gradient_loss(token_advantage, inputs.student_logp, inputs.mask)
-    stats = LossStats(
-        num_tokens=inputs.mask.sum(),
-        student_logp_mean=masked_mean(inputs.student_logp.detach(), inputs.mask),
-        token_adv_mean=masked_mean(token_advantage, inputs.mask),
-    )
-    return loss, stats
+    student_logp = _require(inputs, "student_logp", "grpo")  # [B, T]
+    ones = torch.ones_like(student_logp.detach())  # [B, T] uniform magnitude, no gate
+    token_advantage = _token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
+    return _policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
 def _token_kl_objective(inputs: ObjectiveInputs, objective: str) -> tuple[Tensor, LossStats]:
     kl = _require(inputs, "token_kl", objective)  # [B, T]
-    loss = masked_mean(kl, inputs.mask)
-    stats = LossStats(
-        num_tokens=inputs.mask.sum(),
-        student_logp_mean=masked_mean(inputs.student_logp.detach(), inputs.mask),
-        kl_mean=loss.detach(),
-    )
-    return loss, stats
+    loss = _masked_mean(kl, inputs.mask)
+    return loss, LossStats(kl_mean=loss.detach())
 
 
-def opsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
+def opsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """OPSD: ``L = masked_mean(KL(p_T ‖ p_θ))`` over the student's own rollout tokens."""
     return _token_kl_objective(inputs, "opsd")
 
 
-def crisp_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
+def crisp_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """CRISP: ``L = masked_mean(KL(p_θ ‖ p_T))``, the reverse KL to a conciseness-prompted teacher.
 
     ``inputs.token_kl`` must be the reverse KL (:func:`~egrsd_pl.losses.token_kl` with
@@ -219,58 +245,35 @@ def crisp_objective(
 
 
 def _entropy_gated_objective(
-    inputs: ObjectiveInputs,
-    objective: str,
-    *,
-    gamma: float,
-    window: int,
-    eps: float,
-    floor: float,
-    entropy_max: EntropyMax,
+    inputs: ObjectiveInputs, objective: str, settings: ObjectiveSettings
 ) -> tuple[Tensor, LossStats]:
-    return egrsd_loss(
-        inputs.student_logp,
+    return _egrsd_loss(
+        _require(inputs, "student_logp", objective),
         _require(inputs, "teacher_logp", objective),
         _require(inputs, "teacher_entropy", objective),
         _require(inputs, "advantages", objective),
         inputs.mask,
-        gamma=gamma,
-        window=window,
-        eps=eps,
-        floor=floor,
-        entropy_max=entropy_max,
+        settings,
     )
 
 
-def rlsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
+def rlsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
     """RLSD = the EGRSD path with ``gamma = 0`` and ``window = 0`` (``ω = 1``); ``gamma`` is ignored."""
-    return _entropy_gated_objective(
-        inputs, "rlsd", gamma=0.0, window=0, eps=eps, floor=floor, entropy_max=None
-    )
+    return _entropy_gated_objective(inputs, "rlsd", settings._replace(gamma=0.0, window=0, entropy_max=None))
 
 
-def egrsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
-    """EGRSD: the gate uses the raw teacher entropy; requires ``window == 0``."""
-    if window != 0:
-        raise ValueError(f"window must be 0 for 'egrsd' (use 'cl_egrsd' for a window), got {window}")
-    return _entropy_gated_objective(
-        inputs, "egrsd", gamma=gamma, window=0, eps=eps, floor=floor, entropy_max=entropy_max
-    )
+def egrsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
+    """EGRSD: the gate uses the raw teacher entropy (``window`` is 0, checked by :func:`compute_objective`)."""
+    return _entropy_gated_objective(inputs, "egrsd", settings)
 
 
-def cl_egrsd_objective(
-    inputs: ObjectiveInputs, *, gamma: float, window: int, eps: float, floor: float, entropy_max: EntropyMax
-) -> tuple[Tensor, LossStats]:
-    """CL-EGRSD: the gate uses the causal window minimum of the entropy; requires ``window > 0``."""
-    if window <= 0:
-        raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
-    return _entropy_gated_objective(
-        inputs, "cl_egrsd", gamma=gamma, window=window, eps=eps, floor=floor, entropy_max=entropy_max
-    )
+def cl_egrsd_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tuple[Tensor, LossStats]:
+    """CL-EGRSD: the gate uses the causal window minimum of the entropy (``window > 0``, checked by
+    :func:`compute_objective`)."""
+    return _entropy_gated_objective(inputs, "cl_egrsd", settings)
+
+
+TokenInputs = Literal["student_logprobs", "gated_teacher", "token_kl"]
 
 
 @dataclass(frozen=True)
@@ -278,13 +281,15 @@ class ObjectiveSpec:
     """An objective and what the trainer must prepare for it.
 
     Attributes:
-        loss: ``loss(inputs, *, gamma, window, eps, floor, entropy_max) -> (loss, stats)``.
+        loss: ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`).
         uses_rollouts: False only for ``sft``, which trains on the reference solution.
-        teacher: Teacher quantity to compute: ``"token_stats"`` (:func:`teacher_token_stats`),
-            ``"kl"`` (:func:`token_kl`) or ``"none"``.
-        advantage: ``"running"`` (Welford baseline, computed by the module), ``"group"``
-            (:func:`group_relative_advantages`) or ``"none"``.
-        kl_direction: ``direction`` of :func:`token_kl` when ``teacher == "kl"``.
+        token_inputs: The per-token quantities of steps 4–5 it reads: ``student_logprobs``
+            (``log p_θ(y_t)`` only), ``gated_teacher`` (also the teacher's ``log p_T(y_t)`` and entropy,
+            :func:`teacher_token_stats`) or ``token_kl`` (:func:`token_kl` only, in ``kl_direction``).
+        advantage: ``"running"`` (Welford baseline), ``"group"`` (:func:`group_relative_advantages`)
+            or ``"none"``.
+        gated: Whether the confidence gate reads the batch maximum of the teacher entropy (step 7).
+        kl_direction: ``direction`` of :func:`token_kl` when ``token_inputs == "token_kl"``.
         teacher_prompt: ``"reference"`` (problem + reference solution, SPEC "Prompts") or
             ``"concise"`` (CRISP: the student prompt behind a conciseness instruction, no solution).
         moving_teacher: The teacher must be refreshed from the student (CRISP); a ``frozen``
@@ -293,26 +298,35 @@ class ObjectiveSpec:
 
     loss: Callable[..., tuple[Tensor, LossStats]]
     uses_rollouts: bool
-    teacher: Literal["none", "token_stats", "kl"]
+    token_inputs: TokenInputs
     advantage: Literal["none", "running", "group"]
+    gated: bool = False
     kl_direction: KLDirection = "forward"
     teacher_prompt: Literal["reference", "concise"] = "reference"
     moving_teacher: bool = False
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "sft": ObjectiveSpec(sft_objective, uses_rollouts=False, teacher="none", advantage="none"),
-    "grpo": ObjectiveSpec(grpo_objective, uses_rollouts=True, teacher="none", advantage="group"),
-    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, teacher="kl", advantage="none"),
-    "rlsd": ObjectiveSpec(rlsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"),
-    "egrsd": ObjectiveSpec(egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"),
+    "sft": ObjectiveSpec(
+        sft_objective, uses_rollouts=False, token_inputs="student_logprobs", advantage="none"
+    ),
+    "grpo": ObjectiveSpec(
+        grpo_objective, uses_rollouts=True, token_inputs="student_logprobs", advantage="group"
+    ),
+    "opsd": ObjectiveSpec(opsd_objective, uses_rollouts=True, token_inputs="token_kl", advantage="none"),
+    "rlsd": ObjectiveSpec(
+        rlsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running"
+    ),
+    "egrsd": ObjectiveSpec(
+        egrsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running", gated=True
+    ),
     "cl_egrsd": ObjectiveSpec(
-        cl_egrsd_objective, uses_rollouts=True, teacher="token_stats", advantage="running"
+        cl_egrsd_objective, uses_rollouts=True, token_inputs="gated_teacher", advantage="running", gated=True
     ),
     "crisp": ObjectiveSpec(
         crisp_objective,
         uses_rollouts=True,
-        teacher="kl",
+        token_inputs="token_kl",
         advantage="none",
         kl_direction="reverse",
         teacher_prompt="concise",
@@ -328,30 +342,43 @@ def compute_objective(
     gamma: float = 0.3,
     window: int = 0,
     eps: float = 0.2,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """Look up the objective ``name`` in :data:`OBJECTIVES` and evaluate it.
 
     Hyperparameters an objective does not use are ignored (``rlsd`` ignores ``gamma``); all are
-    validated. ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
+    validated here, once, with the shapes of the inputs; the objectives then run unchecked kernels.
+    ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
 
     Returns:
         ``(loss, stats)``: 0-dim loss with gradient and detached :class:`LossStats`.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"name must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    check_gamma(gamma)
-    check_window(window)
-    check_eps(eps)
-    check_floor(floor)
-    check_entropy_max(entropy_max)
-    check_ndim(inputs.student_logp, 2, "inputs.student_logp")
-    check_bool_mask(inputs.mask, shape=tuple(inputs.student_logp.shape), name="inputs.mask")
-    if name not in ("egrsd", "cl_egrsd") and window != 0:
-        raise ValueError(f"window must be 0 for {name!r}, got {window}")
+    settings = ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max)
+    _check_settings(settings)
+    check_ndim(inputs.mask, 2, "inputs.mask")
+    check_bool_mask(inputs.mask, shape=tuple(inputs.mask.shape), name="inputs.mask")
+    for field in ("student_logp", "teacher_logp", "teacher_entropy", "token_kl"):
+        if (value := getattr(inputs, field)) is not None:
+            check_shape(value, tuple(inputs.mask.shape), f"inputs.{field}")
+    if inputs.advantages is not None:
+        check_shape(inputs.advantages, tuple(inputs.mask.shape[:1]), "inputs.advantages")
+    if name == "cl_egrsd" and window <= 0:
+        raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
+    if name != "cl_egrsd" and window != 0:
+        raise ValueError(f"window must be 0 for {name!r} (use 'cl_egrsd' for a window), got {window}")
     spec = OBJECTIVES[name]
-    return spec.loss(inputs, gamma=gamma, window=window, eps=eps, floor=floor, entropy_max=entropy_max)
+    return spec.loss(inputs, settings)
+
+
+def _check_settings(settings: ObjectiveSettings) -> None:
+    check_gamma(settings.gamma)
+    check_window(settings.window)
+    check_eps(settings.eps)
+    check_omega_floor(settings.omega_floor)
+    check_entropy_max(settings.entropy_max)
 
 
 def group_relative_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:

@@ -2,6 +2,10 @@
 
 Masked positions (padding) may hold anything, even NaN: every function selects with
 ``torch.where`` instead of multiplying by the mask, so padding never reaches a value or a gradient.
+
+Each public function validates its arguments, then runs its unchecked kernel ``_<name>``; composite
+code that validated once at its own boundary (:func:`~egrsd_pl.losses.compute_objective`,
+:func:`~egrsd_pl.losses.egrsd_loss`) calls the kernels, so nothing is checked twice per step.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_floor,
     check_gamma,
     check_ndim,
+    check_omega_floor,
     check_shape,
     check_window,
 )
 
+EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 ENTROPY_MAX_FLOOR_NATS = 1.0
 """Lower bound of the entropy normaliser ``max(max H, 1)`` (SPEC step 7), in nats."""
 
@@ -36,6 +41,10 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
         0-dim float tensor.
     """
     check_bool_mask(mask, shape=tuple(values.shape))
+    return _masked_mean(values, mask)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return total / mask.sum().clamp(min=1)
 
@@ -43,6 +52,10 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 def masked_max(values: Tensor, mask: Tensor) -> Tensor:
     """Maximum over the positions where ``mask`` is set; 0 when the mask is empty. 0-dim."""
     check_bool_mask(mask, shape=tuple(values.shape))
+    return _masked_max(values, mask)
+
+
+def _masked_max(values: Tensor, mask: Tensor) -> Tensor:
     if values.numel() == 0:
         return values.new_zeros(())
     maximum = torch.where(mask, values, float("-inf")).amax()
@@ -52,6 +65,10 @@ def masked_max(values: Tensor, mask: Tensor) -> Tensor:
 def masked_min(values: Tensor, mask: Tensor) -> Tensor:
     """Minimum over the positions where ``mask`` is set; 0 when the mask is empty. 0-dim."""
     check_bool_mask(mask, shape=tuple(values.shape))
+    return _masked_min(values, mask)
+
+
+def _masked_min(values: Tensor, mask: Tensor) -> Tensor:
     if values.numel() == 0:
         return values.new_zeros(())
     minimum = torch.where(mask, values, float("inf")).amin()
@@ -76,12 +93,31 @@ def causal_window_min(values: Tensor, mask: Tensor, window: int) -> Tensor:
     check_ndim(values, 2, "values")
     check_bool_mask(mask, shape=tuple(values.shape))
     check_window(window)
+    return _causal_window_min(values, mask, window)
+
+
+def _causal_window_min(values: Tensor, mask: Tensor, window: int) -> Tensor:
     if window == 0:
         return values
     candidates = torch.where(mask, values, float("inf"))  # [B, T] padding never wins a min
     padded = F.pad(candidates, (0, window), value=float("inf"))  # [B, T + W]
     window_min = padded.unfold(1, window + 1, 1).amin(-1)  # [B, T]
     return torch.where(mask, window_min, values)
+
+
+def entropy_normaliser(entropy_max: float | Tensor) -> Tensor:
+    """The denominator of SPEC step 7, ``max(H_max, 1 nat)``: 0-dim float tensor.
+
+    Args:
+        entropy_max: The already-reduced batch maximum of the raw masked teacher entropies.
+    """
+    check_entropy_max(entropy_max)
+    return _entropy_normaliser(entropy_max)
+
+
+def _entropy_normaliser(entropy_max: float | Tensor) -> Tensor:
+    maximum = torch.as_tensor(entropy_max).reshape(())  # []
+    return (maximum if maximum.is_floating_point() else maximum.float()).clamp(min=ENTROPY_MAX_FLOOR_NATS)
 
 
 def normalize_entropy(
@@ -100,10 +136,14 @@ def normalize_entropy(
     """
     check_bool_mask(mask, shape=tuple(teacher_entropy.shape))
     check_entropy_max(entropy_max)
+    return _normalize_entropy(teacher_entropy, mask, entropy_max=entropy_max)
+
+
+def _normalize_entropy(teacher_entropy: Tensor, mask: Tensor, entropy_max: EntropyMax) -> Tensor:
     if entropy_max is None:
-        entropy_max = masked_max(teacher_entropy, mask)
-    denominator = torch.as_tensor(entropy_max, dtype=teacher_entropy.dtype, device=teacher_entropy.device)
-    return teacher_entropy / denominator.reshape(()).clamp(min=ENTROPY_MAX_FLOOR_NATS)
+        entropy_max = _masked_max(teacher_entropy, mask)
+    denominator = _entropy_normaliser(entropy_max).to(teacher_entropy)  # []
+    return teacher_entropy / denominator
 
 
 def confidence_gate(
@@ -112,10 +152,10 @@ def confidence_gate(
     *,
     gamma: float,
     window: int = 0,
-    floor: float = 0.1,
+    omega_floor: float = 0.1,
     entropy_max: float | Tensor | None = None,
 ) -> Tensor:
-    """Confidence gate ``ω = clip(1 - γ·Ĥ, floor, 1)`` (SPEC steps 6-8).
+    """Confidence gate ``ω = clip(1 - γ·Ĥ, omega_floor, 1)`` (SPEC steps 6-8).
 
     With ``window > 0`` (CL-EGRSD) the entropy is first replaced by its causal window minimum
     :func:`causal_window_min`, so a confident token a few steps ahead restores the weight of an
@@ -132,23 +172,36 @@ def confidence_gate(
         mask: ``[B, T]`` bool completion mask.
         gamma: ``γ >= 0``, strength of the entropy penalty.
         window: ``W >= 0``; 0 is EGRSD, ``> 0`` is CL-EGRSD.
-        floor: Lower clip of ``ω`` (0.1 in the paper).
+        omega_floor: Lower clip of ``ω`` (0.1 in the paper).
         entropy_max: Already-reduced maximum of the raw masked entropies, or ``None``.
 
     Returns:
-        ``[B, T]`` gate in ``[floor, 1]``; 1 at masked-out positions.
+        ``[B, T]`` gate in ``[omega_floor, 1]``; 1 at masked-out positions.
     """
     check_ndim(teacher_entropy, 2, "teacher_entropy")
     check_bool_mask(mask, shape=tuple(teacher_entropy.shape))
     check_gamma(gamma)
     check_window(window)
-    check_floor(floor)
+    check_omega_floor(omega_floor)
     check_entropy_max(entropy_max)
+    return _confidence_gate(
+        teacher_entropy, mask, gamma=gamma, window=window, omega_floor=omega_floor, entropy_max=entropy_max
+    )
+
+
+def _confidence_gate(
+    teacher_entropy: Tensor,
+    mask: Tensor,
+    gamma: float,
+    window: int,
+    omega_floor: float,
+    entropy_max: EntropyMax,
+) -> Tensor:
     if entropy_max is None:
-        entropy_max = masked_max(teacher_entropy, mask)  # raw entropies (Decision above)
-    gated_entropy = causal_window_min(teacher_entropy, mask, window)  # [B, T]
-    normalized = normalize_entropy(gated_entropy, mask, entropy_max=entropy_max)  # [B, T]
-    omega = (1.0 - gamma * normalized).clamp(min=floor, max=1.0)  # [B, T]
+        entropy_max = _masked_max(teacher_entropy, mask)  # raw entropies (Decision above)
+    gated_entropy = _causal_window_min(teacher_entropy, mask, window)  # [B, T]
+    normalized = _normalize_entropy(gated_entropy, mask, entropy_max=entropy_max)  # [B, T]
+    omega = (1.0 - gamma * normalized).clamp(min=omega_floor, max=1.0)  # [B, T]
     return torch.where(mask, omega, torch.ones_like(omega))
 
 
@@ -173,6 +226,12 @@ def likelihood_ratio_magnitude(
     check_shape(teacher_logp, tuple(student_logp.shape), "teacher_logp")
     check_shape(direction, (student_logp.shape[0],), "direction")
     check_eps(eps)
+    return _likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)
+
+
+def _likelihood_ratio_magnitude(
+    student_logp: Tensor, teacher_logp: Tensor, direction: Tensor, eps: float = 0.2
+) -> Tensor:
     log_ratio = direction[:, None] * (teacher_logp - student_logp.detach())  # [B, T] D·δ
     return log_ratio.exp().clamp(min=1.0 - eps, max=1.0 + eps)
 
@@ -193,6 +252,10 @@ def token_advantages(advantages: Tensor, magnitude: Tensor, omega: Tensor, mask:
     check_shape(advantages, (magnitude.shape[0],), "advantages")
     check_shape(omega, tuple(magnitude.shape), "omega")
     check_bool_mask(mask, shape=tuple(magnitude.shape))
+    return _token_advantages(advantages, magnitude, omega, mask)
+
+
+def _token_advantages(advantages: Tensor, magnitude: Tensor, omega: Tensor, mask: Tensor) -> Tensor:
     token_advantage = (advantages[:, None] * magnitude * omega).detach()  # [B, T]
     return torch.where(mask, token_advantage, torch.zeros_like(token_advantage))
 
@@ -212,5 +275,9 @@ def policy_gradient_loss(token_advantage: Tensor, student_logp: Tensor, mask: Te
     """
     check_shape(token_advantage, tuple(student_logp.shape), "token_advantage")
     check_bool_mask(mask, shape=tuple(student_logp.shape))
+    return _policy_gradient_loss(token_advantage, student_logp, mask)
+
+
+def _policy_gradient_loss(token_advantage: Tensor, student_logp: Tensor, mask: Tensor) -> Tensor:
     constant = torch.where(mask, token_advantage.detach(), torch.zeros_like(token_advantage))  # [B, T]
-    return -masked_mean(constant * student_logp, mask)
+    return -_masked_mean(constant * student_logp, mask)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import torch
@@ -34,18 +34,26 @@ from egrsd_pl.prompts import (
 from egrsd_pl.testbed.model import build_model, tiny_qwen3_config
 from egrsd_pl.testbed.synthetic import synthetic_problems, worked_problems
 from egrsd_pl.testbed.tokenizer import train_tokenizer
-from egrsd_pl.testbed.warmstart import evaluate_greedy, train_sft
+from egrsd_pl.testbed.warmstart import (
+    WARM_START_THREADS,
+    evaluate_greedy,
+    fixed_threads,
+    state_digest,
+    train_sft,
+)
 
-TESTBED_VERSION = 3  # bump when the corpus, tokenizer, model or recipe changes: it keys the cache
+TESTBED_VERSION = 4  # bump when the corpus, tokenizer, model or recipe changes: it keys the cache
 DEFAULT_BUDGET_S = 210.0
 # Seconds per warm-start step (batch 16, length-sorted batches) on a 2-core x86 CPU with little
-# else running: 1,500 steps took 138 s. The budget is converted to steps with it, so a build does
-# not depend on how busy the machine is; the wall time on slow or shared machines is bounded by
-# WALL_LIMIT_FACTOR * budget + WALL_LIMIT_EXTRA_S.
+# else running: 1,500 steps took 138 s. It converts a nominal budget into a fixed number of steps,
+# so a build is the same whatever the machine's load; a busy machine only takes longer.
 REFERENCE_STEP_S = 0.09
-WALL_LIMIT_FACTOR = 5.0
-WALL_LIMIT_EXTRA_S = 60.0
+# The weights after this many steps of a build are hashed into testbed.json (``prefix_sha256``):
+# the test suite replays this prefix and compares (the whole build is ``python -m egrsd_pl.testbed verify``).
+PREFIX_STEPS = 40
 TESTBED_SCHEME = "testbed:"
+# The default build (seed 0, default budget) ships inside the package: ``testbed:tiny`` needs no build.
+PACKAGED_DIR = Path(__file__).with_name("tiny")
 _TOKENIZER_CORPUS_SEED = 12345  # the tokenizer does not depend on the build seed
 _MARKER = "testbed.json"
 
@@ -72,13 +80,13 @@ def build_testbed(
 
     Args:
         output_dir: Folder to write (created; existing files are overwritten).
-        budget_s: Seconds of warm start on a dedicated 2-core CPU. The run makes
-            ``round(budget_s / REFERENCE_STEP_S)`` optimizer steps (2,333 for the default 210 s),
-            so its result is the same on a busy machine, which only takes longer; it stops early
-            (recorded in ``testbed.json``) after ``5 * budget_s + 60`` seconds of wall time.
-            0 saves the untrained random model and skips the evaluation (fast tests).
+        budget_s: Nominal seconds of warm start. The run makes ``round(budget_s / REFERENCE_STEP_S)``
+            optimizer steps (2,333 for the default 210 s) on one CPU thread, whatever the wall
+            clock says, so the folder is the same, bit for bit, on every run with the same torch
+            build and CPU type; a busy machine only takes longer. 0 saves the untrained random
+            model and skips the evaluation (fast tests).
         seed: Seed of the model initialisation, the warm-start corpus and its order.
-        progress: Print progress lines and the final figures.
+        progress: Print what is built, a progress bar with an ETA, and the final figures.
         eval_problems: Held-out test-split problems for the greedy evaluation (0 skips it).
 
     Returns:
@@ -92,39 +100,40 @@ def build_testbed(
     started = time.monotonic()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(tokenizer_corpus())
-    config = tiny_qwen3_config(tokenizer)
-    model = build_model(config, seed=seed)
+    tokenizer, model = _fresh_testbed(seed)
     parameters = sum(p.numel() for p in model.parameters())
     log(f"testbed: vocabulary {len(tokenizer)}, tiny Qwen3 with {parameters / 1e6:.2f} M parameters")
     builder = PromptBuilder(tokenizer)
     steps = sft_steps(budget_s)
-    log(f"testbed: warm start of {steps} steps (nominal {budget_s:g} s on 2 dedicated cores)")
-    sft = train_sft(
-        model,
-        builder,
-        steps=steps,
-        seed=seed,
-        max_wall_s=WALL_LIMIT_FACTOR * budget_s + WALL_LIMIT_EXTRA_S,
-        log=log,
-    )
+    log(f"testbed: warm start of {steps} steps on one CPU thread (about {budget_s:g} s on an idle core)")
+    prefix: dict[str, str] = {}
+
+    def record_prefix(done: int) -> None:
+        if done == PREFIX_STEPS:
+            prefix["sha256"] = state_digest(model)
+
+    sft = train_sft(model, builder, steps=steps, seed=seed, on_step=record_prefix, progress=progress)
     report: dict[str, object] = {
         "version": TESTBED_VERSION,
         "seed": seed,
         "budget_s": budget_s,
         "parameters": parameters,
         "vocab_size": len(tokenizer),
-        "sft_steps_planned": steps,
         "sft_steps": sft.steps,
-        "sft_stopped_early": sft.stopped_early,
         "sft_examples": sft.examples,
-        "sft_seconds": round(sft.seconds, 1),
         "sft_final_loss": None if sft.steps == 0 else round(sft.final_loss, 4),
+        "prefix_steps": PREFIX_STEPS if prefix else None,
+        "prefix_sha256": prefix.get("sha256"),
+        "weights_sha256": state_digest(model),
     }
     if sft.steps > 0 and eval_problems > 0:
+        log(
+            f"testbed: greedy evaluation on {eval_problems} held-out problems (student, then teacher prompts)"
+        )
         held_out = synthetic_problems(eval_problems, seed=seed, split="test")
-        student = evaluate_greedy(model, builder, held_out)
-        teacher = evaluate_greedy(model, builder, held_out, privileged=True)
+        with fixed_threads(WARM_START_THREADS):
+            student = evaluate_greedy(model, builder, held_out)
+            teacher = evaluate_greedy(model, builder, held_out, privileged=True)
         concise = [len(builder.sft_target_ids(p.solution)) for p in held_out]
         report.update(
             eval_problems=eval_problems,
@@ -137,12 +146,8 @@ def build_testbed(
         )
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    report.update(
-        build_seconds=round(time.monotonic() - started, 1),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-    )
+    # Wall-clock figures are logged, never saved: the folder a build writes is the same on every run.
+    report.update(torch=torch.__version__, transformers=transformers.__version__)
     (output / _MARKER).write_text(json.dumps(report, indent=2) + "\n")
     if "greedy_accuracy" in report:
         log(
@@ -151,13 +156,23 @@ def build_testbed(
             f"privileged teacher {report['teacher_greedy_accuracy']:.1%}, "
             f"{report['teacher_mean_completion_length']} tokens"
         )
-    if sft.stopped_early:
-        log(
-            f"testbed: the machine was too busy: {sft.steps} of {steps} steps in {sft.seconds:.0f} s; "
-            "rebuild on an idle machine (python -m egrsd_pl.testbed build --force) for the full warm start"
-        )
-    log(f"testbed: built in {report['build_seconds']} s -> {output}")
+    log(f"testbed: built in {time.monotonic() - started:.0f} s -> {output}")
     return output
+
+
+def warm_start_prefix_digest(
+    *, seed: int = 0, budget_s: float = DEFAULT_BUDGET_S, steps: int = PREFIX_STEPS
+) -> str:
+    """``state_digest`` of the model after the first ``steps`` warm-start steps of a build (its schedule)."""
+    tokenizer, model = _fresh_testbed(seed)
+    train_sft(model, PromptBuilder(tokenizer), steps=sft_steps(budget_s), seed=seed, stop_after=steps)
+    return state_digest(model)
+
+
+def _fresh_testbed(seed: int) -> tuple[Any, Any]:
+    """The trained tokenizer and the randomly initialised tiny Qwen3 of a build."""
+    tokenizer = train_tokenizer(tokenizer_corpus())
+    return tokenizer, build_model(tiny_qwen3_config(tokenizer), seed=seed)
 
 
 def sft_steps(budget_s: float) -> int:
@@ -195,7 +210,7 @@ def ensure_testbed(
     if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.with_name(target.name + ".lock")):
+    with exclusive_lock(target.with_name(target.name + ".lock")):
         if (target / _MARKER).is_file():
             return target
         if target.exists():  # left by something other than this function: not a complete testbed
@@ -209,16 +224,48 @@ def ensure_testbed(
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1``) -> the cached testbed folder.
+def packaged_testbed_dir(*, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0) -> Path | None:
+    """The testbed folder shipped in the package if it is this version's build of ``(budget_s, seed)``."""
+    marker = PACKAGED_DIR / _MARKER
+    if not marker.is_file():
+        return None
+    report = json.loads(marker.read_text())
+    if (report.get("version"), report.get("budget_s"), report.get("seed")) != (
+        TESTBED_VERSION,
+        budget_s,
+        seed,
+    ):
+        return None
+    return PACKAGED_DIR
 
-    Any other name (a hub id or a local folder) is returned unchanged.
+
+def differing_files(built: Path, reference: Path) -> list[str]:
+    """Names of the files that are not byte-for-byte the same in the two folders (or in only one)."""
+    names = sorted({p.name for p in built.iterdir()} | {p.name for p in reference.iterdir()})
+    return [
+        name
+        for name in names
+        if not ((built / name).is_file() and (reference / name).is_file())
+        or (built / name).read_bytes() != (reference / name).read_bytes()
+    ]
+
+
+def resolve_model_path(name: str) -> str:
+    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1``) or ``testbed:qwen3-shape`` -> a folder.
+
+    The default (``testbed:tiny``) is the folder shipped in the package; other budgets and seeds, and
+    ``qwen3-shape``, are built on first use and cached. Any other name (a hub id or a local folder) is
+    returned unchanged.
     """
     if not name.startswith(TESTBED_SCHEME):
         return name
     model, _, query = name[len(TESTBED_SCHEME) :].partition("?")
+    if model == "qwen3-shape":  # random weights at Qwen3's shapes (egrsd_pl/testbed/qwen3_shape.py)
+        from egrsd_pl.testbed.qwen3_shape import resolve_qwen3_shape
+
+        return str(resolve_qwen3_shape(query))
     if model != "tiny":
-        raise ValueError(f"unknown testbed model {name!r}; the only one is 'testbed:tiny'")
+        raise ValueError(f"unknown testbed model {name!r}; use 'testbed:tiny' or 'testbed:qwen3-shape'")
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
     unknown = set(options) - {"budget_s", "seed"}
     if unknown:
@@ -228,11 +275,12 @@ def resolve_model_path(name: str) -> str:
         seed = int(options.get("seed", 0))
     except ValueError as error:
         raise ValueError(f"bad testbed option in {name!r}: {error}") from error
-    return str(ensure_testbed(budget_s=budget_s, seed=seed))
+    packaged = packaged_testbed_dir(budget_s=budget_s, seed=seed)
+    return str(packaged if packaged is not None else ensure_testbed(budget_s=budget_s, seed=seed))
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # no POSIX locks (Windows): the atomic rename still protects the cache

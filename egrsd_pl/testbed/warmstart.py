@@ -14,6 +14,8 @@ knows exactly the prompt formats the trainer uses:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import random
 import re
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from egrsd_pl.problem import Problem
 from egrsd_pl.prompts import PromptBuilder, pack_completions
@@ -32,6 +35,7 @@ from egrsd_pl.rollout.base import SamplingConfig
 from egrsd_pl.rollout.hf import HFGenerateEngine
 from egrsd_pl.testbed.synthetic import WorkedProblem, worked_problems
 
+WARM_START_THREADS = 1  # fixed: results must not depend on the machine's load (see train_sft)
 TEACHER_SHARE = 0.25  # privileged teacher-format examples
 VERBOSE_SHARE = 0.75  # verbose chains among the student-format examples
 
@@ -64,14 +68,12 @@ class SFTResult:
         examples: Training examples seen.
         seconds: Wall-clock seconds.
         final_loss: Exponentially smoothed loss at the end (NaN without steps).
-        stopped_early: True when the wall-clock limit stopped it before its planned steps.
     """
 
     steps: int
     examples: int
     seconds: float
     final_loss: float
-    stopped_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,17 +132,33 @@ def train_sft(
     steps: int,
     seed: int,
     config: SFTConfig = SFTConfig(),
-    max_wall_s: float = math.inf,
-    log: Callable[[str], None] | None = None,
-    log_every_s: float = 15.0,
+    stop_after: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = False,
 ) -> SFTResult:
-    """``steps`` optimizer steps of SFT on the warm-start mix (fewer if ``max_wall_s`` runs out).
+    """``steps`` optimizer steps of SFT on the warm-start mix, on ``WARM_START_THREADS`` CPU threads.
 
-    The learning rate has a linear warm-up and a cosine decay to 10 % over ``steps``, so a run
-    is reproducible for a given seed whatever the machine's speed. Leaves the model in eval mode.
+    The learning rate has a linear warm-up and a cosine decay to 10 % over ``steps``. Nothing depends
+    on the wall clock, so for a seed the weights after any step are the same on every run on the same
+    CPU type and torch build. Leaves the model in eval mode.
+
+    Decision: the thread count is fixed (one thread), because a CPU matrix product sums in an order
+    that depends on it; a build that picked the faster setting by measured speed (as this one once
+    did) is not reproducible bit for bit, and one thread is also the fastest setting on a shared CPU.
+
+    Args:
+        model: The causal LM to train in place.
+        builder: Prompt builder of the testbed tokenizer.
+        steps: Length of the schedule (the learning rate reaches its floor at ``steps``).
+        seed: Seed of the order of the examples and of torch's RNG.
+        config: Hyper-parameters.
+        stop_after: Stop after this many steps of the same schedule (a reproducible prefix of the run).
+        on_step: Called with the number of steps done after every optimizer step.
+        progress: Show a tqdm progress bar with the smoothed loss and an ETA.
     """
     if steps <= 0:
         return SFTResult(steps=0, examples=0, seconds=0.0, final_loss=float("nan"))
+    last = steps if stop_after is None else min(steps, stop_after)
     torch.manual_seed(seed)
     pool = worked_problems(config.pool_size, seed=seed, split="train")
     batches = _length_sorted_batches(example_stream(builder, pool, seed=seed), config.batch_size, seed=seed)
@@ -148,37 +166,53 @@ def train_sft(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
     )
-    threads = _ThreadChooser()
     model.train()
-    start = last_log = time.monotonic()
+    start = time.monotonic()
     done = examples = 0
     smoothed = float("nan")
+    bar = tqdm(total=last, desc="warm start", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        while done < steps and time.monotonic() - start < max_wall_s:
-            batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(done, done / steps, config.warmup_steps)
-            step_start = time.monotonic()
-            loss = supervised_loss(model, [p for p, _ in batch], [c for _, c in batch], pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            tokens = len(batch) * max(len(p) + len(c) for p, c in batch)
-            threads.record((time.monotonic() - step_start) / tokens, now=time.monotonic())
-            done, examples = done + 1, examples + len(batch)
-            smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
-            if log is not None and time.monotonic() - last_log >= log_every_s:
-                last_log = time.monotonic()
-                log(
-                    f"warm start: step {done}/{steps}, {last_log - start:.0f} s, loss {smoothed:.3f}, "
-                    f"{torch.get_num_threads()} thread(s)"
-                )
+        with fixed_threads(WARM_START_THREADS):
+            while done < last:
+                batch = next(batches)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(done, done / steps, config.warmup_steps)
+                loss = supervised_loss(model, [p for p, _ in batch], [c for _, c in batch], pad_id)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                done, examples = done + 1, examples + len(batch)
+                smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
+                bar.update(1)
+                if done % 25 == 0:
+                    bar.set_postfix(loss=f"{smoothed:.3f}", refresh=False)
+                if on_step is not None:
+                    on_step(done)
     finally:
-        threads.restore()
+        bar.close()
         model.eval()
-    seconds = time.monotonic() - start
-    return SFTResult(done, examples, seconds, smoothed, stopped_early=done < steps)
+    return SFTResult(done, examples, time.monotonic() - start, smoothed)
+
+
+def state_digest(model: Any) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``model.state_dict()`` (sorted by name)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def fixed_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, restored after it."""
+    original = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(original)
 
 
 def _lr_factor(step: int, progress: float, warmup_steps: int) -> float:
@@ -197,47 +231,6 @@ def _length_sorted_batches(
         batches = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
         rng.shuffle(batches)
         yield from batches
-
-
-class _ThreadChooser:
-    """Keeps torch's intra-op thread count at whichever of (default, 1) trains faster right now.
-
-    On a CPU shared with other jobs, threads that wait for each other can be several times slower
-    than a single thread (measured on a loaded 2-core machine: 5 s against 1 s a step); on an idle
-    machine the default is faster. Every ``probe_every_s`` the other setting runs up to ``window``
-    steps (one, if that one is twice as slow) and the faster one (median time per token) is kept.
-    Results do not depend on the choice beyond floating-point summation order.
-    """
-
-    def __init__(self, probe_every_s: float = 60.0, window: int = 4) -> None:
-        self.original = torch.get_num_threads()
-        self.probe_every_s, self.window = probe_every_s, window
-        self.timings: dict[int, list[float]] = {self.original: [], 1: []}
-        self.previous: int | None = None  # the setting in use before the probe running now
-        self.next_probe: float | None = None  # first probe 10 s after the first step
-
-    def record(self, seconds_per_token: float, *, now: float) -> None:
-        """Records one step's time per token under the current setting; may switch the setting."""
-        if self.original == 1:
-            return
-        if self.next_probe is None:
-            self.next_probe = now + 10.0
-        current = torch.get_num_threads()
-        self.timings[current] = [*self.timings[current][-(self.window - 1) :], seconds_per_token]
-        if self.previous is not None:  # probing `current`
-            before = statistics.median(self.timings[self.previous])
-            if seconds_per_token > 2 * before or len(self.timings[current]) >= self.window:
-                if statistics.median(self.timings[current]) > before:
-                    torch.set_num_threads(self.previous)
-                self.previous, self.next_probe = None, now + self.probe_every_s
-        elif now >= self.next_probe and len(self.timings[current]) >= self.window:
-            self.previous = current
-            other = 1 if current == self.original else self.original
-            self.timings[other] = []
-            torch.set_num_threads(other)
-
-    def restore(self) -> None:
-        torch.set_num_threads(self.original)
 
 
 def boxed_answer(completion: str) -> str | None:

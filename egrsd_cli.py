@@ -1,12 +1,15 @@
 """The command line: ``python main.py fit --config configs/egrsd.yaml`` (also installed as ``egrsd``).
 
-A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
+The composition root: the only module that imports both :mod:`egrsd_pl` and :mod:`callbacks`, so the
+package never depends on the callbacks (they import the package, not the reverse). A :class:`~lightning.pytorch.cli.LightningCLI` over :class:`EGRSDModule` and
 :class:`RolloutDataModule`. Every knob is a typed, documented constructor argument, so ``--help``
 lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part of the algorithm
 (reward statistics, teacher schedule) and the pre-clip grad-norm monitor are always installed; their
 options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; checkpointing
-(``--checkpoint.*``) and avg@K evaluation (``--evaluation.*``, what ``validate`` runs) are always
-there too.
+(``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what
+``validate`` runs) are always there too, as are the live mechanism diagnostics (``--diagnostics.*``, off unless
+enabled) and :class:`~callbacks.run_summary.RunSummary` (``--summary.*``): a start line, a progress bar in steps
+out of ``max_steps`` and a closing summary.
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.checkpoint import AdapterCheckpoint
+from callbacks.diagnostics import MechanismDiagnostics
 from callbacks.evaluation import PeriodicEvaluation
+from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
+from callbacks.progress import StepProgressBar
 from callbacks.reward_statistics import RewardStatistics
+from callbacks.run_summary import RunSummary
 from callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
@@ -48,10 +59,69 @@ class EGRSDCLI(LightningCLI):
         parser.add_lightning_class_args(TeacherUpdate, "teacher")
         parser.link_arguments("teacher.schedule", "model.teacher")  # one knob: --teacher.schedule
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")  # SIGTERM / Ctrl-C: step, save, stop
         # avg@K evaluation: always there for `validate`; during `fit` only when --evaluation.every_n_steps > 0
         # or --evaluation.at_end true.
         parser.add_lightning_class_args(PeriodicEvaluation, "evaluation")
         parser.set_defaults({"evaluation.every_n_steps": 0, "evaluation.at_end": False})
+        # Live mechanism diagnostics (diag/*): off unless --diagnostics.enabled true.
+        parser.add_lightning_class_args(MechanismDiagnostics, "diagnostics")
+        # A run that explains itself: start line, step progress bar, closing summary (--summary.enabled false: off).
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="torch's intra-op CPU threads in each process (null: torch's default, one per core). The tiny "
+            "testbed is about as fast on 1 thread as on 2 idle cores, and many times faster on a busy CPU, where "
+            "threads that wait for each other stall every operation",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Checks the accelerator and sets ``--torch_threads`` before anything heavy (the module and the
+        DataModule load nothing until ``fit``); adds :class:`StepProgressBar` unless the summary or the
+        bar is off, or one is given."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config, torch.cuda.is_available())
+        if config.get("torch_threads") is not None:
+            if config.torch_threads < 1:
+                raise ValueError(f"--torch_threads must be >= 1 or null, got {config.torch_threads}")
+            torch.set_num_threads(config.torch_threads)
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        bar_on = trainer_config.get("enable_progress_bar") is not False  # None: Lightning's default, on
+        wanted = self._get(self.config_init, "summary").enabled and bar_on
+        if wanted and not any(isinstance(c, ProgressBar) for c in given):
+            kwargs["callbacks"] = [*given, StepProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def check_accelerator(config: Any, cuda_available: bool) -> None:
+    """Stops a GPU config on a machine without a GPU before anything loads, naming the flags to change."""
+    trainer, model = config.get("trainer") or {}, config.get("model") or {}
+    if str(trainer.get("accelerator")) not in {"gpu", "cuda"} or cuda_available:
+        return
+    changes = ["--trainer.accelerator cpu", "--trainer.devices 1"]
+    if trainer.get("strategy") not in (None, "auto"):
+        changes.append("--trainer.strategy auto")
+    if str(trainer.get("precision")) not in {"32-true", "32", "None"}:
+        changes.append("--trainer.precision 32-true")
+    if model.get("dtype") not in (None, "float32"):
+        changes.append("--model.dtype float32")
+    if model.get("attn_implementation") == "flash_attention_2":
+        changes.append("--model.attn_implementation sdpa")
+    rehearsal = Path("configs/cpu_rehearsal.yaml")
+    also = (
+        f"; or add --config {rehearsal} after this config to rehearse it on the CPU"
+        if rehearsal.is_file()
+        else ""
+    )
+    raise ValueError(
+        f"this config asks for GPUs (--trainer.accelerator {trainer.get('accelerator')}) but torch sees no CUDA "
+        f"device here. To run it on the CPU: {' '.join(changes)} (and a small model, e.g. "
+        f"--model.model_name_or_path testbed:tiny); configs/tiny.yaml is a complete CPU run{also}"
+    )
 
 
 def build_cli(
@@ -116,3 +186,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m egrsd_cli fit ... (what egrsd compare runs)
+    main()

@@ -1,0 +1,15 @@
+"""Mechanism diagnostics of the paper's §5.5 (Fig. 3, 4a, 4b, A3–A5), on any checkpoint and live in training.
+
+- :mod:`~egrsd_pl.diagnostics.mechanism`: the pure math (gates, lock/fork/pivot regimes, entropy deciles).
+- :mod:`~egrsd_pl.diagnostics.report`: tables, figures and the token page.
+- :mod:`~egrsd_pl.diagnostics.command`: ``egrsd diagnose`` (sample, score behind both prompts, report).
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``egrsd diagnose ...``; see :func:`egrsd_pl.diagnostics.command.main`."""
+    from egrsd_pl.diagnostics.command import main as run
+
+    return run(argv)
