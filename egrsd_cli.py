@@ -186,3 +186,7 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m egrsd_cli fit ... (what egrsd compare runs)
+    main()

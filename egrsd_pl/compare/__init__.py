@@ -1,0 +1,123 @@
+"""``egrsd compare``: the paper's comparison in one command — train every method over seeds, evaluate each
+run, and write Tables 2 and 5 (mean ± std over seeds) and Fig. 1 (the accuracy–length frontier).
+
+    egrsd compare --config configs/tiny.yaml --methods configs/compare/paper.yaml --seeds 0 1 2 \\
+        --output comparisons/tiny [-- --trainer.max_steps 30]
+
+Each (method, seed) is an ordinary ``fit`` then ``validate`` in a subprocess (its own run folder,
+checkpoints, TensorBoard events and log files; :mod:`egrsd_pl.compare.runner`). Finished runs are
+skipped, interrupted ones continue from ``last.ckpt``, so re-running the same command only resumes and
+re-aggregates. ``--print-commands`` prints the pending runs for a scheduler; ``--collect`` aggregates
+whatever results exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from egrsd_pl.compare.aggregate import RunResult, read_result, summarize
+from egrsd_pl.compare.methods import MethodsError, check_methods, read_methods
+from egrsd_pl.compare.report import accuracy_table, efficiency_table, write_comparison
+from egrsd_pl.compare.runner import Plan, execute
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egrsd compare",
+        usage="egrsd compare --config BASE.yaml --methods METHODS.yaml [--seeds S ...] --output DIR "
+        "[--only METHOD ...] [--print-commands | --collect] [--no-progress] [-- FIT_OVERRIDES ...]",
+        epilog="example: egrsd compare --config configs/tiny_vllm.yaml --methods configs/compare/paper.yaml "
+        "--seeds 0 1 2 --output comparisons/tiny -- --config configs/compare/tiny.yaml",
+        description=(
+            "Train and evaluate several methods over seeds and write the paper's comparison: "
+            "comparison.md (Tables 2 and 5, mean ± std over seeds), comparison.json and frontier.png "
+            "(Fig. 1). Arguments after `--` go to every fit and validate (e.g. -- --trainer.max_steps 3)."
+        ),
+    )
+    parser.add_argument("--config", required=True, help="base config of every run (main.py fit --config)")
+    parser.add_argument(
+        "--methods",
+        required=True,
+        help="methods file: `methods: {name: {label: ..., fit: true|false, model.objective: ..., ...}}`",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every method (default 0)")
+    parser.add_argument(
+        "--output", required=True, help="folder of the runs (DIR/runs/<method>/seed_<s>) and the report"
+    )
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods of the file")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--print-commands",
+        action="store_true",
+        help="print one shell line per pending run (cd && fit && validate) for a scheduler, run nothing",
+    )
+    mode.add_argument("--collect", action="store_true", help="run nothing; aggregate the results that exist")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``egrsd compare``; returns the exit status (0 ok, 1 a run failed, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, common = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    try:
+        return _compare(args, common, command=shlex.join(["egrsd", "compare", *argv]))
+    except (MethodsError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace, common: list[str], *, command: str) -> int:
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: a seed is listed twice ({args.seeds})")
+    methods = read_methods(args.methods)
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in methods})
+        if unknown:
+            raise ValueError(f"--only {unknown[0]}: not a method of {args.methods}")
+        methods = [m for m in methods if m.name in args.only]
+    plan = Plan(config=args.config, output=Path(args.output), common=common)
+    runs = plan.runs(methods, args.seeds)
+    if not args.collect:
+        check_methods(args.methods, methods, plan.base_args())  # before any run
+        plan.check_settings(runs)
+    if args.print_commands:
+        for run in runs:
+            if run.status() != "done":
+                print(plan.shell_line(run, Path.cwd()))
+        return 0
+    failures = [] if args.collect else execute(plan, runs, progress=not args.no_progress)
+    results: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if run.results_path.is_file():
+            results.setdefault(run.method.name, []).append(
+                read_result(run.results_path, run.method.name, run.seed)
+            )
+    pending = sum(not run.results_path.is_file() for run in runs)
+    summaries = summarize([(m.name, m.label, m.fit) for m in methods], results)
+    paths = write_comparison(
+        summaries,
+        args.output,
+        command=command,
+        pending=pending,
+        config=args.config,
+        methods_file=args.methods,
+        seeds=args.seeds,
+        common_overrides=common,
+    )
+    print(accuracy_table(summaries), efficiency_table(summaries), sep="\n\n")
+    print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    for run, log in failures:
+        print(f"failed: {run.name} (see {log})", file=sys.stderr)
+    if pending:
+        print(f"{pending} of {len(runs)} runs have no results yet", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,255 @@
+"""``egrsd compare`` without training: seed statistics, the Pareto frontier, the tables, methods files and
+the commands of pending runs, on hand-made ``results.json`` files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from egrsd_pl.compare import main
+from egrsd_pl.compare.aggregate import (
+    SeedStat,
+    difference,
+    pareto_frontier,
+    read_result,
+    seed_stat,
+    summarize,
+    token_efficiency,
+)
+from egrsd_pl.compare.methods import Method, MethodsError, check_methods, override_args, read_methods
+from egrsd_pl.compare.report import accuracy_table, difference_table, efficiency_table, write_comparison
+from egrsd_pl.compare.runner import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+METHOD_FILES = sorted((ROOT / "configs" / "compare").glob("*.yaml"))
+
+# Hand-made evaluations: (synthetic avg@4, gsm8k avg@4, synthetic len, gsm8k len) per seed.
+# no_train: Avg. 60, 64 -> mean 62, std sqrt((2² + 2²) / 1) = 2.828; AvgLen 200, 220 -> 210 ± 14.14;
+#           Eff 60 / 0.2 = 300 and 64 / 0.22 = 290.909 -> 295.45 ± 9.0909 / sqrt(2) = 6.43.
+# egrsd:    Avg. 65, 67, 69 -> 67 ± 2; AvgLen 150 each -> 150 ± 0; Eff 433.33, 446.67, 460 -> 446.67 ± 13.33.
+# sft:      Avg. 40, AvgLen 50 (both seeds) -> Eff 800; shortest, so on the frontier.
+# grpo:     one seed, Avg. 67 at AvgLen 200: as accurate as EGRSD but longer -> dominated; std undefined.
+RESULTS = {
+    "no_train": {0: (70, 50, 100, 300), 1: (74, 54, 120, 320)},
+    "egrsd": {0: (80, 50, 90, 210), 1: (82, 52, 100, 200), 2: (84, 54, 110, 190)},
+    "sft": {0: (50, 30, 50, 50), 1: (50, 30, 50, 50)},
+    "grpo": {0: (80, 54, 150, 250)},
+}
+METHODS = [
+    ("no_train", "no-train", False),
+    ("sft", "SFT", True),
+    ("grpo", "GRPO", True),
+    ("egrsd", "EGRSD", True),
+]
+
+
+def results_json(synthetic: float, gsm8k: float, len_synthetic: float, len_gsm8k: float) -> dict:
+    """What ``main.py validate`` writes (only the keys the comparison reads, plus one it ignores)."""
+    benchmarks = {
+        "synthetic": {"avg_at_k": synthetic, "mean_length": len_synthetic, "truncated": 0.0},
+        "gsm8k": {"avg_at_k": gsm8k, "mean_length": len_gsm8k, "truncated": 0.0},
+    }
+    avg, avg_len = (synthetic + gsm8k) / 2, (len_synthetic + len_gsm8k) / 2
+    return {"label": "last", "step": 60, "k": 4, "avg": avg, "avg_len": avg_len, "benchmarks": benchmarks}
+
+
+def write_results(root: Path) -> dict[str, list]:
+    results: dict[str, list] = {}
+    for method, seeds in RESULTS.items():
+        for seed, values in seeds.items():
+            path = root / method / f"seed_{seed}" / "eval" / "last" / "results.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(results_json(*values)))
+            results.setdefault(method, []).append(read_result(path, method, seed))
+    return results
+
+
+def test_seed_stat_is_mean_and_sample_std():
+    assert seed_stat([60, 62, 64]) == (62.0, 2.0, 3)  # sqrt((4 + 0 + 4) / 2) = 2
+    one = seed_stat([5.0])
+    assert one.mean == 5.0 and math.isnan(one.std) and one.n == 1
+    assert difference(SeedStat(67, 2, 3), SeedStat(62, 8**0.5, 2)).se == pytest.approx(5.3333**0.5, abs=1e-4)
+    assert not difference(SeedStat(67, 2, 3), SeedStat(62, math.nan, 1)).separated
+    assert token_efficiency(67.24, 11064) == pytest.approx(6.077, abs=1e-3)  # the paper's EGRSD Eff 6.08
+
+
+def test_pareto_frontier_higher_accuracy_lower_length():
+    points = {"a": (60, 100), "b": (62, 120), "c": (59, 110), "d": (62, 130), "e": (math.nan, 10)}
+    # c: a is more accurate and shorter; d: b ties on accuracy and is shorter; e has no accuracy.
+    assert pareto_frontier(points) == {"a", "b"}
+    assert pareto_frontier({"x": (1, 1), "y": (1, 1)}) == {"x", "y"}  # equal points do not dominate
+
+
+def test_summaries_hand_checked(tmp_path: Path):
+    summaries = {s.name: s for s in summarize(METHODS, write_results(tmp_path))}
+    no_train, egrsd, sft, grpo = (summaries[n] for n in ("no_train", "egrsd", "sft", "grpo"))
+    assert no_train.avg.mean == 62 and no_train.avg.std == pytest.approx(2.828427, abs=1e-6)
+    assert no_train.avg_len.mean == 210 and no_train.avg_len.std == pytest.approx(14.142136, abs=1e-6)
+    assert no_train.eff.mean == pytest.approx(295.4545, abs=1e-4)
+    assert no_train.eff.std == pytest.approx(6.4282, abs=1e-4)
+    assert egrsd.accuracy["synthetic"] == (82, 2, 3) and egrsd.accuracy["gsm8k"] == (52, 2, 3)
+    assert (egrsd.avg.mean, egrsd.avg.std, egrsd.avg_len.std) == (67, 2, 0)
+    assert egrsd.eff.mean == pytest.approx(446.6667, abs=1e-4) and egrsd.eff.std == pytest.approx(
+        13.3333, abs=1e-4
+    )
+    assert sft.eff.mean == 800 and grpo.avg.n == 1 and math.isnan(grpo.avg.std)
+    assert {n for n, s in summaries.items() if s.on_frontier} == {"egrsd", "sft"}
+    assert egrsd.seeds == [0, 1, 2]
+
+
+def test_markdown_tables_hand_checked(tmp_path: Path):
+    summaries = summarize(METHODS, write_results(tmp_path / "runs"))
+    table2 = accuracy_table(summaries).splitlines()
+    assert table2[0] == "| Method | seeds | synthetic avg@4 | gsm8k avg@4 | Avg. |"
+    assert "| EGRSD | 3 | 82.00 ± 2.00 | 52.00 ± 2.00 | 67.00 ± 2.00 |" in table2
+    assert "| GRPO | 1 | 80.00 | 54.00 | 67.00 |" in table2  # one seed: no spread to show
+    table5 = efficiency_table(summaries).splitlines()
+    assert "| EGRSD | 3 | 67.00 ± 2.00 | 150.0 ± 0.0 | 446.67 ± 13.33 | ● |" in table5
+    assert "| no-train | 2 | 62.00 ± 2.83 | 210.0 ± 14.1 | 295.45 ± 6.43 |  |" in table5
+    # Against no-train: EGRSD Acc 67 - 62 = +5, se sqrt(2²/3 + 2.828²/2) = sqrt(1.333 + 4) = 2.31 < 5/2;
+    # AvgLen 150 - 210 = -60, se sqrt(0/3 + 14.14²/2) = 10; Eff 446.67 - 295.45 = +151.21,
+    # se sqrt(13.33²/3 + 6.428²/2) = sqrt(59.26 + 20.66) = 8.94. GRPO has one seed: no se, no verdict.
+    differences = difference_table(summaries).splitlines()
+    assert "| EGRSD | +5.00 ± 2.31 * | -60.0 ± 10.0 * | +151.21 ± 8.94 * |" in differences
+    assert "| GRPO | +5.00 | -10.0 | +39.55 |" in differences  # Eff 67 / 0.2 = 335; 335 - 295.45
+    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=1, seeds=[0, 1, 2])
+    data = json.loads(paths["json"].read_text())
+    assert data["methods"]["egrsd"]["eff"]["mean"] == pytest.approx(446.6667, abs=1e-4)
+    assert data["methods"]["grpo"]["avg"]["std"] is None  # JSON has no NaN
+    assert [Path(r["run_dir"]).name for r in data["methods"]["egrsd"]["runs"]] == [
+        "seed_0",
+        "seed_1",
+        "seed_2",
+    ]
+    assert "1 run(s) have no results yet" in paths["markdown"].read_text()
+    assert paths["plot"].stat().st_size > 0
+
+
+def test_runs_of_one_method_must_share_benchmarks(tmp_path: Path):
+    results = write_results(tmp_path)
+    results["egrsd"][1] = results["egrsd"][1]._replace(accuracy={"synthetic": 1.0})
+    with pytest.raises(ValueError, match="must share the evaluation"):
+        summarize(METHODS, results)
+
+
+def test_override_args_spell_yaml_values_for_the_cli():
+    args = override_args({"model.gamma": 0.3, "evaluation.at_end": False, "x.y": None, "b": [{"name": "s"}]})
+    assert args == [
+        "--model.gamma",
+        "0.3",
+        "--evaluation.at_end",
+        "false",
+        "--x.y",
+        "null",
+        "--b",
+        '[{"name": "s"}]',
+    ]
+
+
+@pytest.mark.parametrize("path", METHOD_FILES, ids=lambda p: p.name)
+def test_shipped_methods_files_name_their_command_and_parse(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# egrsd compare --config configs/") and f"configs/compare/{path.name}" in first
+    if path.name == "tiny.yaml":  # an overlay of configs/tiny_vllm.yaml, not a methods file
+        base = ["--config", str(ROOT / "configs" / "tiny_vllm.yaml"), "--config", str(path)]
+        assert check_methods(path, [Method("m", "m")], base) is None
+        return
+    methods = read_methods(path)
+    check_methods(path, methods, ["--config", TINY])
+
+
+def test_paper_methods_are_the_papers():
+    methods = {m.name: m for m in read_methods(ROOT / "configs" / "compare" / "paper.yaml")}
+    assert list(methods) == ["no_train", "sft", "grpo", "opsd", "crisp", "rlsd", "egrsd", "cl_egrsd"]
+    assert not methods["no_train"].fit
+    assert methods["egrsd"].overrides == {"model.objective": "egrsd", "model.gamma": 0.3, "model.window": 0}
+    assert methods["cl_egrsd"].overrides["model.window"] == 3
+    gammas = [m.overrides["model.gamma"] for m in read_methods(ROOT / "configs" / "compare" / "gamma.yaml")]
+    assert gammas == [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]  # Table 4's rows
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "message"),
+    [
+        ("egrsd: {model.objective: egrsd, model.gama: 0.3}", "model.gama", "gama"),
+        ("egrsd: {model.objective: ppo}", "model.objective", "ppo"),
+    ],
+)
+def test_bad_methods_file_fails_before_any_run(tmp_path: Path, capsys, spec: str, key: str, message: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"methods:\n  no_train: {{fit: false}}\n  {spec}\n")
+    with pytest.raises(MethodsError) as error:
+        check_methods(path, read_methods(path), ["--config", TINY])
+    text = str(error.value)
+    assert text.startswith(f"{path}: method 'egrsd': key '{key}':") and message in text
+    assert "\n" not in text
+    status = main(
+        ["--config", TINY, "--methods", str(path), "--output", str(tmp_path / "out"), "--no-progress"]
+    )
+    assert status == 2 and not (tmp_path / "out").exists()  # nothing ran, nothing written
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {text}"]
+
+
+def test_methods_file_shape_errors(tmp_path: Path):
+    path = tmp_path / "m.yaml"
+    for text, expected in [
+        ("egrsd: {}\n", "expected a non-empty mapping"),
+        ("methods:\n  a: {fit: maybe}\n", "key 'fit' must be true or false"),
+        ("methods:\n  a/b: {}\n", "a name is letters"),
+        ("methods:\n  a: {ckpt_path: x}\n", "set by egrsd compare"),
+        ("methods:\n  a: {label: X}\n  b: {label: X}\n", "label 'X' is used by more than one method"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(MethodsError, match=expected):
+            read_methods(path)
+
+
+def test_commands_and_pending_runs(tmp_path: Path):
+    plan = Plan(
+        config="configs/tiny.yaml", output=tmp_path, common=["--trainer.max_steps", "3"], python="python"
+    )
+    methods = [
+        Method("no_train", "no-train", fit=False),
+        Method("egrsd", "EGRSD", overrides={"model.gamma": 0.5}),
+    ]
+    runs = plan.runs(methods, [0, 1])
+    assert [r.name for r in runs] == ["no_train/seed_0", "egrsd/seed_0", "no_train/seed_1", "egrsd/seed_1"]
+    fit = plan.fit_command(runs[3])
+    assert fit[:6] == ["python", "-m", "egrsd_cli", "fit", "--config", "configs/tiny.yaml"]
+    # the common overrides come before the method's (a method is more specific), the run's own flags last
+    assert fit.index("--trainer.max_steps") < fit.index("--model.gamma") < fit.index("--seed_everything")
+    assert fit[fit.index("--seed_everything") + 1] == "1" and fit[-2:] == ["--ckpt_path", "last"]
+    validate = plan.validate_command(runs[3])
+    assert validate[validate.index("--ckpt_path") + 1] == str(
+        tmp_path / "runs/egrsd/seed_1/checkpoints/last.ckpt"
+    )
+    assert "--ckpt_path" not in plan.validate_command(runs[0])  # no_train evaluates the base model
+    assert [kind for kind, _ in plan.pending_commands(runs[1])] == ["fit", "validate"]
+    assert [kind for kind, _ in plan.pending_commands(runs[0])] == ["validate"]
+    runs[1].directory.mkdir(parents=True)
+    runs[1].fit_done_path.write_text("done\n")
+    assert [kind for kind, _ in plan.pending_commands(runs[1])] == ["validate"]
+    runs[2].results_path.parent.mkdir(parents=True)
+    runs[2].results_path.write_text("{}")
+    assert runs[2].status() == "done" and plan.pending_commands(runs[2]) == []
+    line = plan.shell_line(runs[1], Path("/some/where"))
+    assert line.startswith("cd /some/where && python -m egrsd_cli validate ") and " fit " not in line
+
+
+def test_a_run_started_with_other_settings_is_not_reused(tmp_path: Path):
+    method = Method("egrsd", "EGRSD", overrides={"model.gamma": 0.3})
+    plan = Plan(config="configs/tiny.yaml", output=tmp_path, common=["--trainer.max_steps", "3"])
+    run = plan.runs([method], [0])[0]
+    run.directory.mkdir(parents=True)
+    run.settings_path.write_text(json.dumps(plan.settings(run)))
+    plan.check_settings([run])  # same command: resumes
+    other = Plan(config="configs/tiny.yaml", output=tmp_path, common=["--trainer.max_steps", "5"])
+    with pytest.raises(ValueError, match=r"egrsd/seed_0: started with other common .*another --output"):
+        other.check_settings([run])
+    changed = Method("egrsd", "EGRSD", overrides={"model.gamma": 0.5})
+    with pytest.raises(ValueError, match="started with other method"):
+        plan.check_settings(plan.runs([changed], [0]))
