@@ -47,7 +47,8 @@ from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# configs/compare/ holds `egrsd compare` methods files and its overlay (tests/test_compare.py), not fit configs.
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "compare")
 REHEARSAL = ROOT / "configs" / "cpu_rehearsal.yaml"
 SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "bench"
 EAGER_VLLM = "--data.engine.init_args.enforce_eager=true"
