@@ -95,17 +95,6 @@ GROUPS = rehearsal_groups()
 
 
 @contextmanager
-def working_dir(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-@contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Two shared cores: one intra-op thread is much faster than two contended ones (tests/test_resume.py)."""
     threads = torch.get_num_threads()
@@ -138,7 +127,9 @@ def qwen3_shape_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_every_config_instantiates_the_real_classes(config: Path, tmp_path: Path):
+def test_every_config_instantiates_the_real_classes(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     text = config.read_text()
     if "VLLMEngine" in text and not vllm_importable():
         pytest.skip("the config's engine is VLLMEngine and vLLM does not import here")
@@ -146,8 +137,8 @@ def test_every_config_instantiates_the_real_classes(config: Path, tmp_path: Path
     args = ["--config", str(config)]
     if raw.get("trainer", {}).get("accelerator") == "gpu" and not torch.cuda.is_available():
         args += ["--trainer.accelerator=cpu", "--trainer.devices=1"]  # a Trainer refuses a GPU it cannot see
-    with working_dir(tmp_path):
-        cli = build_cli(args, run=False)
+    monkeypatch.chdir(tmp_path)  # runs/ and checkpoints/ land in the test's folder
+    cli = build_cli(args, run=False)
     assert type(cli.model) is EGRSDModule and type(cli.datamodule) is RolloutDataModule
     for key, value in raw.get("model", {}).items():
         got = cli.model.hparams[key]
@@ -210,7 +201,8 @@ def test_paper_config_rehearses_on_cpu(
     raw = load_yaml(config)
     if raw["model"]["objective"] == "grpo":
         monkeypatch.setattr(RolloutDataModule, "score", AlternatingRewards.score)
-    with one_torch_thread(), working_dir(tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with one_torch_thread():
         cli = rehearse(config)
     module, trainer = cli.model, cli.trainer
     log_dir = tmp_path / trainer.log_dir  # relative to the run's working folder
@@ -234,10 +226,12 @@ def test_paper_config_rehearses_on_cpu(
     assert_paper_protocol(report, raw)
     assert (log_dir / "checkpoints" / "last_adapter" / "adapter_model.safetensors").is_file()
     if config == GROUPS[0][0]:
-        validate_checkpoint(config, log_dir / "checkpoints" / "last.ckpt", tmp_path / "validate")
+        validate_checkpoint(config, log_dir / "checkpoints" / "last.ckpt", tmp_path / "validate", monkeypatch)
 
 
-def validate_checkpoint(config: Path, checkpoint: Path, tmp_path: Path) -> None:
+def validate_checkpoint(
+    config: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``main.py validate`` on the rehearsal's checkpoint; on the paper's benchmark files when present."""
     extra = [f"--ckpt_path={checkpoint}"]
     if SHARED_BENCH.is_dir():
@@ -246,7 +240,9 @@ def validate_checkpoint(config: Path, checkpoint: Path, tmp_path: Path) -> None:
             "--evaluation.benchmarks=[{name: aime24, limit: 1}, {name: gsm8k, limit: 1}]",
         ]
     args = ["validate", "--config", str(config), "--config", str(REHEARSAL), EAGER_VLLM, *extra]
-    with one_torch_thread(), working_dir(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    with one_torch_thread():
         cli = build_cli(args)
     report_dir = tmp_path / cli.trainer.log_dir / "eval" / "last"
     report = json.loads((report_dir / "results.json").read_text())
