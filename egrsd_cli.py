@@ -14,9 +14,13 @@ out of ``max_steps`` and a closing summary.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,9 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from callbacks.checkpoint import AdapterCheckpoint
+from callbacks.checkpoint import AdapterCheckpoint, find_last_checkpoint
 from callbacks.diagnostics import MechanismDiagnostics
 from callbacks.evaluation import PeriodicEvaluation
 from callbacks.graceful_stop import GracefulStop
@@ -96,6 +101,18 @@ class EGRSDCLI(LightningCLI):
             kwargs["callbacks"] = [*given, StepProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of any earlier run of this experiment; none: step 0."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found is None:
+            rank_zero_info(
+                "--ckpt_path last: no last.ckpt from an earlier run of this experiment, starting at step 0"
+            )
+        config["ckpt_path"] = None if found is None else str(found)
+
 
 def check_accelerator(config: Any, cuda_available: bool) -> None:
     """Stops a GPU config on a machine without a GPU before anything loads, naming the flags to change."""
@@ -142,6 +159,48 @@ def build_cli(
     )
 
 
+class _ParseOnly(EGRSDCLI):
+    """Parses and validates ``fit``'s arguments; instantiates nothing (no model, no data)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_error(args: list[str]) -> str | None:
+    """``None`` when ``args`` parse as ``main.py fit`` arguments, else the parser's message (one line).
+
+    ``egrsd compare`` checks every method with it before any run (handed in by :func:`main`: the package
+    never imports the CLI).
+    """
+    captured = io.StringIO()
+    logging.disable(logging.INFO)  # "Seed set to ..." once per parse
+    try:
+        with (
+            contextlib.redirect_stderr(captured),
+            contextlib.redirect_stdout(io.StringIO()),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")  # e.g. LightningCLI's "args and sys.argv both given"
+            build_cli(args, run=False, cli_class=_ParseOnly)
+    except SystemExit:
+        return _last_error_line(captured.getvalue())
+    except (ValueError, TypeError) as error:
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    finally:
+        logging.disable(logging.NOTSET)
+    return None
+
+
+def _last_error_line(text: str) -> str:
+    """The informative line of jsonargparse's error output (``error: ...``), shortened."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("error:") or ": error:" in line:
+            message = " ".join(lines[index : index + 3])
+            return message.split("error:", 1)[1].strip()[:400]
+    return (lines[-1] if lines else "the parser rejected the arguments")[:400]
+
+
 # Commands that are not Lightning's: name -> (module with ``main(argv) -> int``, one line of help).
 TOOLS: dict[str, tuple[str, str]] = {
     "compare": (
@@ -179,7 +238,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[0] in TOOLS:
             module = importlib.import_module(TOOLS[argv[0]][0])
-            sys.exit(module.main(argv[1:]))
+            options = {"parse_error": parse_error} if argv[0] == "compare" else {}
+            sys.exit(module.main(argv[1:], **options))
         build_cli(argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
         if os.environ.get("EGRSD_DEBUG"):

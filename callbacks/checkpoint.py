@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from egrsd_pl.checkpoint_io import AtomicCheckpointIO
 
@@ -46,9 +47,12 @@ class AdapterCheckpoint(ModelCheckpoint):
     ``adapter_model.safetensors`` (the teacher adapter, when there is one, in ``<stem>_adapter/teacher/``),
     which ``PeftModel.from_pretrained`` and vLLM's ``LoRARequest`` load without this package.
 
-    ``--ckpt_path last`` finds the newest ``last*.ckpt`` of the experiment: with the default logger
-    every run writes into a new ``<save_dir>/<name>/version_N/checkpoints``, so the search covers
-    every version folder of ``<save_dir>/<name>`` (unless ``dirpath`` is given).
+    ``--ckpt_path last`` resumes from the newest ``last*.ckpt`` of the experiment, every logger version
+    folder included (:func:`find_last_checkpoint`, called by the CLI).
+
+    Only public ``ModelCheckpoint`` API is used: the constructor's save policy for the periodic saves,
+    its hooks, ``format_checkpoint_name`` and ``Trainer.save_checkpoint`` for the final and interrupted
+    steps, and the strategy's ``checkpoint_io`` plugin for atomic files and the adapter export.
 
     The CLI always installs this callback (``--checkpoint.*``).
 
@@ -94,7 +98,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False,  # steps, not epochs, are the unit of this trainer
         )
         self.save_adapter = save_adapter
-        self._user_dirpath = dirpath
+        self._step_saved: int | None = None  # the optimizer step of the newest save (see on_save_checkpoint)
 
     # ---------------------------------------------------------------- saving
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -111,11 +115,28 @@ class AdapterCheckpoint(ModelCheckpoint):
         )
 
     def save_now(self, trainer: L.Trainer) -> None:
-        """Writes this step's checkpoint and ``last.ckpt`` unless this step is saved already (all ranks)."""
-        if not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        """Writes this step's checkpoint and ``last.ckpt`` unless this step is saved already (all ranks).
+
+        Through public API only: ``format_checkpoint_name`` names the files as the periodic saves name
+        them and ``Trainer.save_checkpoint`` writes them (through the atomic plugin). These files are kept
+        whatever ``save_top_k`` says: the final step and an interrupted step are never ranked away.
+        """
+        if (
+            trainer.sanity_checking
+            or getattr(trainer, "fast_dev_run", False)  # set by Trainer.__init__, not declared on the class
+            or trainer.state.fn != TrainerFn.FITTING
+            or self._step_saved == trainer.global_step
+        ):
+            return
+        metrics = {
+            **trainer.callback_metrics,
+            "epoch": torch.tensor(trainer.current_epoch),
+            "step": torch.tensor(trainer.global_step),
+        }
+        trainer.save_checkpoint(self.format_checkpoint_name(metrics))
+        if self.save_last:
+            self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(self.last_model_path)
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -124,6 +145,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         # anything else that does (e.g. LoRA dropout > 0). Only rank 0 writes checkpoints: every rank gets
         # its state back, as every rank had after ``seed_everything``.
         checkpoint["rng_states"] = rng_states()
+        self._step_saved = trainer.global_step  # every save of this step, periodic ones included
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -138,20 +160,6 @@ class AdapterCheckpoint(ModelCheckpoint):
             self.best_model_path = state_dict["best_model_path"]
             return
         super().load_state_dict(state_dict)
-
-    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        found = super()._find_last_checkpoints(trainer)
-        if self._user_dirpath is not None or not trainer.loggers:
-            return found
-        logger = trainer.loggers[0]
-        root = os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name))
-        pattern = re.compile(
-            rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-v\d+)?{re.escape(self.FILE_EXTENSION)}$"
-        )
-        for path in Path(root).glob(f"*/checkpoints/*{self.FILE_EXTENSION}"):
-            if pattern.match(path.name):
-                found.add(os.path.normpath(path))
-        return found
 
     @staticmethod
     def is_final_step(global_step: int, max_steps: int) -> bool:
@@ -170,9 +178,37 @@ class AdapterCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # ModelCheckpoint only saves here when it never saved at all; the steps since the last periodic
         # checkpoint must not be lost when a run ends otherwise than at max_steps (max_epochs, max_time).
+        # ModelCheckpoint's own on_train_end is not called: it would rewrite last.ckpt after the epoch closed.
         if trainer.global_step > 0:
             self.save_now(trainer)
-        super().on_train_end(trainer, pl_module)
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """What ``--ckpt_path last`` resumes from: the newest ``last*.ckpt`` of the experiment, or ``None``.
+
+    The CLI resolves ``last`` with this before ``fit`` starts (Lightning's own lookup only sees the new run's
+    folder). A checkpoint callback with an explicit ``dirpath`` is searched as given; otherwise, with a
+    logger, every version folder ``<save_dir>/<name>/*/checkpoints`` is, since each run logs into a new one.
+    """
+    folders = [
+        Path(callback.dirpath)
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath
+    ]
+    if not folders and trainer.loggers:
+        logger = trainer.loggers[0]
+        folders = list(
+            (Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)).glob("*/checkpoints")
+        )
+    if not folders:
+        folders = [Path(trainer.default_root_dir) / "checkpoints"]
+    name = re.compile(
+        rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-v\d+)?{re.escape(ModelCheckpoint.FILE_EXTENSION)}$"
+    )
+    found = [
+        path for folder in folders if folder.is_dir() for path in folder.iterdir() if name.match(path.name)
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def export_adapters(pl_module: L.LightningModule, folder: Path) -> None:

@@ -18,7 +18,13 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.checkpoint import AdapterCheckpoint, adapter_dir, restore_rng_states, rng_states
+from callbacks.checkpoint import (
+    AdapterCheckpoint,
+    adapter_dir,
+    find_last_checkpoint,
+    restore_rng_states,
+    rng_states,
+)
 from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_norm import GradNormMonitor
 from callbacks.reward_statistics import RewardStatistics
@@ -377,9 +383,11 @@ def test_ckpt_path_last_finds_the_newest_last_checkpoint_of_every_logger_version
         (folder / "epoch=0-step=2.ckpt").write_bytes(b"")
         os.utime(folder / "last.ckpt", (mtime, mtime))
     trainer = _trainer(tmp_path, [], logger=TensorBoardLogger(str(tmp_path / "runs"), name="exp"))
-    found = AdapterCheckpoint()._find_last_checkpoints(trainer)  # this run will log into version_2
-    assert {Path(p).parent.parent.name for p in found} == {"version_0", "version_1"}
-    assert all(Path(p).name == "last.ckpt" for p in found)
+    found = find_last_checkpoint(trainer)  # this run will log into version_2
+    assert found == tmp_path / "runs" / "exp" / "version_1" / "checkpoints" / "last.ckpt"  # the newer one
+    explicit = AdapterCheckpoint(dirpath=str(tmp_path / "runs" / "exp" / "version_0" / "checkpoints"))
+    assert find_last_checkpoint(_trainer(tmp_path, [explicit])) == Path(explicit.dirpath) / "last.ckpt"
+    assert find_last_checkpoint(_trainer(tmp_path / "empty", [], logger=False)) is None
 
 
 class _SendSignal(L.Callback):

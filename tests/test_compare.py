@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from egrsd_pl.compare import main
+from egrsd_cli import main as egrsd_main
+from egrsd_cli import parse_error
 from egrsd_pl.compare.aggregate import (
     SeedStat,
     difference,
@@ -156,10 +157,10 @@ def test_shipped_methods_files_name_their_command_and_parse(path: Path):
     assert first.startswith("# egrsd compare --config configs/") and f"configs/compare/{path.name}" in first
     if path.name == "tiny.yaml":  # an overlay of configs/tiny_vllm.yaml, not a methods file
         base = ["--config", str(ROOT / "configs" / "tiny_vllm.yaml"), "--config", str(path)]
-        assert check_methods(path, [Method("m", "m")], base) is None
+        assert check_methods(path, [Method("m", "m")], base, parse_error) is None
         return
     methods = read_methods(path)
-    check_methods(path, methods, ["--config", TINY])
+    check_methods(path, methods, ["--config", TINY], parse_error)
 
 
 def test_paper_methods_are_the_papers():
@@ -183,14 +184,24 @@ def test_bad_methods_file_fails_before_any_run(tmp_path: Path, capsys, spec: str
     path = tmp_path / "bad.yaml"
     path.write_text(f"methods:\n  no_train: {{fit: false}}\n  {spec}\n")
     with pytest.raises(MethodsError) as error:
-        check_methods(path, read_methods(path), ["--config", TINY])
+        check_methods(path, read_methods(path), ["--config", TINY], parse_error)
     text = str(error.value)
     assert text.startswith(f"{path}: method 'egrsd': key '{key}':") and message in text
     assert "\n" not in text
-    status = main(
-        ["--config", TINY, "--methods", str(path), "--output", str(tmp_path / "out"), "--no-progress"]
-    )
-    assert status == 2 and not (tmp_path / "out").exists()  # nothing ran, nothing written
+    with pytest.raises(SystemExit) as status:  # through `egrsd compare`, as a user runs it
+        egrsd_main(
+            [
+                "compare",
+                "--config",
+                TINY,
+                "--methods",
+                str(path),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+    assert status.value.code == 2 and not (tmp_path / "out").exists()  # nothing ran, nothing written
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {text}"]
 
 

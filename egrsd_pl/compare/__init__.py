@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from egrsd_pl.compare.aggregate import RunResult, read_result, summarize
-from egrsd_pl.compare.methods import MethodsError, check_methods, read_methods
+from egrsd_pl.compare.methods import MethodsError, ParseCheck, check_methods, read_methods
 from egrsd_pl.compare.report import accuracy_table, efficiency_table, write_comparison
 from egrsd_pl.compare.runner import Plan, execute
 
@@ -62,19 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``egrsd compare``; returns the exit status (0 ok, 1 a run failed, 2 bad input)."""
+def main(argv: Sequence[str] | None = None, *, parse_error: ParseCheck) -> int:
+    """Runs ``egrsd compare``; returns the exit status (0 ok, 1 a run failed, 2 bad input).
+
+    ``parse_error`` is the CLI's parse check (:func:`egrsd_cli.parse_error`, handed in by ``egrsd``): every
+    method is parsed with it before any run.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     own, common = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(own)
     try:
-        return _compare(args, common, command=shlex.join(["egrsd", "compare", *argv]))
+        return _compare(args, common, parse_error, command=shlex.join(["egrsd", "compare", *argv]))
     except (MethodsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def _compare(args: argparse.Namespace, common: list[str], *, command: str) -> int:
+def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseCheck, *, command: str) -> int:
     if not Path(args.config).is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
     if len(set(args.seeds)) != len(args.seeds):
@@ -88,7 +92,7 @@ def _compare(args: argparse.Namespace, common: list[str], *, command: str) -> in
     plan = Plan(config=args.config, output=Path(args.output), common=common)
     runs = plan.runs(methods, args.seeds)
     if not args.collect:
-        check_methods(args.methods, methods, plan.base_args())  # before any run
+        check_methods(args.methods, methods, plan.base_args(), parse_error)  # before any run
         plan.check_settings(runs)
     if args.print_commands:
         for run in runs:

@@ -1,8 +1,8 @@
-"""``python -m egrsd_pl.compare …`` is ``egrsd compare …``."""
+"""``python -m egrsd_pl.compare …`` is ``egrsd compare …``: it hands the process over to the CLI (the
+composition root, which gives the comparison its parser), so the package never imports the CLI."""
 
+import os
 import sys
 
-from egrsd_pl.compare import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    os.execv(sys.executable, [sys.executable, "-m", "egrsd_cli", "compare", *sys.argv[1:]])

@@ -16,18 +16,17 @@ once with one line naming the file, the method and the key.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import re
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+ParseCheck = Callable[[list[str]], "str | None"]
+"""``parse_error(args)``: ``None`` when ``args`` parse as ``main.py fit`` arguments, else one line saying why."""
 
 RESERVED_KEYS = ("label", "fit")
 """Keys of a method that are not command-line overrides."""
@@ -116,13 +115,17 @@ def read_methods(path: str | Path) -> list[Method]:
     return methods
 
 
-def check_methods(path: str | Path, methods: Sequence[Method], base_args: Sequence[str]) -> None:
+def check_methods(
+    path: str | Path, methods: Sequence[Method], base_args: Sequence[str], parse_error: ParseCheck
+) -> None:
     """Parses every method's ``fit`` arguments with the real CLI parser (no model, no data).
 
     Args:
         path: The methods file (for the message).
         methods: Methods read from it.
         base_args: Arguments before the method's overrides (``--config BASE`` and the common overrides).
+        parse_error: The CLI's parse check, given by the composition root (:func:`egrsd_cli.parse_error`):
+            ``None`` when the arguments parse as ``fit``'s, else the parser's message in one line.
 
     Raises:
         MethodsError: ``<file>: method <name>: key <key>: <parser's message>`` for the first bad key; a
@@ -140,40 +143,3 @@ def check_methods(path: str | Path, methods: Sequence[Method], base_args: Sequen
                 raise MethodsError(f"{path}: method {method.name!r}: key {key!r}: {error}")
         error = parse_error([*base_args, *method.args()])
         raise MethodsError(f"{path}: method {method.name!r}: {error}")
-
-
-def parse_error(args: list[str]) -> str | None:
-    """``None`` when ``args`` parse as ``main.py fit`` arguments, else the parser's message (one line)."""
-    from egrsd_cli import EGRSDCLI, build_cli  # the composition root; imported only when parsing
-
-    class ParseOnly(EGRSDCLI):
-        def instantiate_classes(self) -> None:  # parse and validate only: no model, no data
-            pass
-
-    captured = io.StringIO()
-    logging.disable(logging.INFO)  # "Seed set to ..." once per parse
-    try:
-        with (
-            contextlib.redirect_stderr(captured),
-            contextlib.redirect_stdout(io.StringIO()),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")  # e.g. LightningCLI's "args and sys.argv both given"
-            build_cli(args, run=False, cli_class=ParseOnly)
-    except SystemExit:
-        return _last_error_line(captured.getvalue())
-    except (ValueError, TypeError) as error:
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
-    finally:
-        logging.disable(logging.NOTSET)
-    return None
-
-
-def _last_error_line(text: str) -> str:
-    """The informative line of jsonargparse's error output (``error: ...``), shortened."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        if line.startswith("error:") or ": error:" in line:
-            message = " ".join(lines[index : index + 3])
-            return message.split("error:", 1)[1].strip()[:400]
-    return (lines[-1] if lines else "the parser rejected the arguments")[:400]
