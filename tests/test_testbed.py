@@ -190,6 +190,27 @@ def test_warm_start_mix_has_privileged_examples(tiny_tokenizer: Any) -> None:
     assert all(c[-1] == tiny_tokenizer.eos_token_id for _, c in examples)
 
 
+def test_uncertain_teacher_recipe_trains_the_teacher_towards_verbose_chains(tiny_tokenizer: Any) -> None:
+    builder = PromptBuilder(tiny_tokenizer)
+    problems = worked_problems(50, seed=0)
+    by_prompt = {tuple(builder.teacher_prompt_ids(w.text, w.solution)): w for w in problems}
+    marker = tiny_tokenizer.encode("=== Reference Solution Begin ===")[1:4]
+
+    def teacher_examples(share: float) -> list[tuple[list[int], list[int]]]:
+        stream = example_stream(builder, problems, seed=0, teacher_verbose_share=share)
+        return [(p, c) for p, c in (next(stream) for _ in range(1000)) if _contains(p, marker)]
+
+    variant = teacher_examples(0.75)
+    concise = [c == builder.sft_target_ids(by_prompt[tuple(p)].solution) for p, c in variant]
+    # about a quarter still copy the reference; the rest are longer chains ending with the same answer line
+    assert 0.15 < sum(concise) / len(variant) < 0.35
+    for (prompt, completion), copied in zip(variant, concise, strict=True):
+        worked = by_prompt[tuple(prompt)]
+        text = tiny_tokenizer.decode(completion, skip_special_tokens=True).rstrip()
+        assert text.endswith(worked.final_line())
+        assert copied or len(completion) > len(builder.sft_target_ids(worked.solution))
+
+
 def _contains(sequence: list[int], part: list[int]) -> bool:
     return any(sequence[i : i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
 
@@ -316,7 +337,19 @@ def test_resolve_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_model_path("testbed:tiny?budget_s=30&seed=1") == str(
         tmp_path / f"testbed-v{TESTBED_VERSION}-budget30-seed1"
     )
-    for bad in ("testbed:huge", "testbed:tiny?steps=3", "testbed:tiny?seed=x"):
+    monkeypatch.undo()
+    monkeypatch.setenv("EGRSD_PL_CACHE", str(tmp_path))
+    monkeypatch.setattr(build_module, "ensure_testbed", lambda **kw: cached_testbed_dir(**kw))
+    # the uncertain-teacher recipe is never the shipped folder
+    assert resolve_model_path("testbed:tiny?teacher_verbose=0.75") == str(
+        tmp_path / f"testbed-v{TESTBED_VERSION}-budget210-seed0-teacherverbose0.75"
+    )
+    for bad in (
+        "testbed:huge",
+        "testbed:tiny?steps=3",
+        "testbed:tiny?seed=x",
+        "testbed:tiny?teacher_verbose=2",
+    ):
         with pytest.raises(ValueError, match="testbed"):
             resolve_model_path(bad)
 

@@ -49,6 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         command.add_argument("--seed", type=int, default=0, help="seed of the model, corpus and order")
         command.add_argument(
+            "--teacher-verbose",
+            type=float,
+            default=0.0,
+            help="share of the teacher's warm-start examples trained towards verbose chains (0: the shipped "
+            "testbed, whose teacher copies the reference; 0.75: a teacher uncertain where chains branch, "
+            "testbed:tiny?teacher_verbose=0.75)",
+        )
+        command.add_argument(
             "--cache-dir", default=None, help="cache root (default $EGRSD_PL_CACHE or ~/.cache/egrsd_pl)"
         )
     build.add_argument("--output-dir", default=None, help="write here instead of the cache (always rebuilds)")
@@ -57,16 +65,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "verify":
         return verify()
-    target = cached_testbed_dir(args.cache_dir, budget_s=args.budget_s, seed=args.seed)
+    recipe = {"budget_s": args.budget_s, "seed": args.seed, "teacher_verbose_share": args.teacher_verbose}
+    target = cached_testbed_dir(args.cache_dir, **recipe)
     if args.command == "path":
-        print(packaged_testbed_dir(budget_s=args.budget_s, seed=args.seed) or target)
+        packaged = (
+            None if args.teacher_verbose else packaged_testbed_dir(budget_s=args.budget_s, seed=args.seed)
+        )
+        print(packaged or target)
         return 0
     if args.output_dir is not None:
-        folder = build_testbed(args.output_dir, budget_s=args.budget_s, seed=args.seed)
+        folder = build_testbed(args.output_dir, **recipe)
     else:
         if args.force and target.exists():
             shutil.rmtree(target)
-        folder = ensure_testbed(args.cache_dir, budget_s=args.budget_s, seed=args.seed)
+        folder = ensure_testbed(args.cache_dir, **recipe)
     report = json.loads((folder / "testbed.json").read_text())
     print(json.dumps(report, indent=2), file=sys.stderr)
     print(folder)

@@ -36,6 +36,7 @@ from egrsd_pl.testbed.synthetic import synthetic_problems, worked_problems
 from egrsd_pl.testbed.tokenizer import train_tokenizer
 from egrsd_pl.testbed.warmstart import (
     WARM_START_THREADS,
+    SFTConfig,
     evaluate_greedy,
     fixed_threads,
     state_digest,
@@ -75,6 +76,7 @@ def build_testbed(
     seed: int = 0,
     progress: bool = True,
     eval_problems: int = 128,
+    teacher_verbose_share: float = 0.0,
 ) -> Path:
     """Builds the tokenizer and the tiny Qwen3, warm-starts it (nominal ``budget_s`` seconds) and saves both.
 
@@ -88,6 +90,8 @@ def build_testbed(
         seed: Seed of the model initialisation, the warm-start corpus and its order.
         progress: Print what is built, a progress bar with an ETA, and the final figures.
         eval_problems: Held-out test-split problems for the greedy evaluation (0 skips it).
+        teacher_verbose_share: Recipe variant: share of the teacher examples trained towards a verbose
+            chain (:class:`~egrsd_pl.testbed.warmstart.SFTConfig`); 0 is the shipped testbed.
 
     Returns:
         ``output_dir``: ``config.json``, ``model.safetensors``, ``generation_config.json`` (stop ids
@@ -96,6 +100,8 @@ def build_testbed(
     """
     if budget_s < 0:
         raise ValueError(f"budget_s must be >= 0, got {budget_s}")
+    if not 0.0 <= teacher_verbose_share <= 1.0:
+        raise ValueError(f"teacher_verbose_share must be in [0, 1], got {teacher_verbose_share}")
     log = _printer(progress)
     started = time.monotonic()
     output = Path(output_dir)
@@ -112,11 +118,15 @@ def build_testbed(
         if done == PREFIX_STEPS:
             prefix["sha256"] = state_digest(model)
 
-    sft = train_sft(model, builder, steps=steps, seed=seed, on_step=record_prefix, progress=progress)
+    config = SFTConfig(teacher_verbose_share=teacher_verbose_share)
+    sft = train_sft(
+        model, builder, steps=steps, seed=seed, config=config, on_step=record_prefix, progress=progress
+    )
     report: dict[str, object] = {
         "version": TESTBED_VERSION,
         "seed": seed,
         "budget_s": budget_s,
+        **({"teacher_verbose_share": teacher_verbose_share} if teacher_verbose_share else {}),
         "parameters": parameters,
         "vocab_size": len(tokenizer),
         "sft_steps": sft.steps,
@@ -186,11 +196,17 @@ def default_cache_dir() -> Path:
 
 
 def cached_testbed_dir(
-    cache_dir: str | os.PathLike[str] | None = None, *, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    budget_s: float = DEFAULT_BUDGET_S,
+    seed: int = 0,
+    teacher_verbose_share: float = 0.0,
 ) -> Path:
-    """The cache folder of one testbed: ``{cache}/testbed-v{version}-budget{budget}-seed{seed}``."""
+    """The cache folder of one testbed: ``{cache}/testbed-v{version}-budget{budget}-seed{seed}``, with
+    ``-teacherverbose{share}`` for the recipe variant."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / f"testbed-v{TESTBED_VERSION}-budget{budget_s:g}-seed{seed}"
+    variant = f"-teacherverbose{teacher_verbose_share:g}" if teacher_verbose_share else ""
+    return root / f"testbed-v{TESTBED_VERSION}-budget{budget_s:g}-seed{seed}{variant}"
 
 
 def ensure_testbed(
@@ -199,6 +215,7 @@ def ensure_testbed(
     budget_s: float = DEFAULT_BUDGET_S,
     seed: int = 0,
     progress: bool = True,
+    teacher_verbose_share: float = 0.0,
 ) -> Path:
     """The cached testbed folder, built on first use.
 
@@ -206,7 +223,9 @@ def ensure_testbed(
     exclusive file lock, so an interrupted build never leaves a broken cache and concurrent
     callers (e.g. DDP ranks) build once.
     """
-    target = cached_testbed_dir(cache_dir, budget_s=budget_s, seed=seed)
+    target = cached_testbed_dir(
+        cache_dir, budget_s=budget_s, seed=seed, teacher_verbose_share=teacher_verbose_share
+    )
     if (target / _MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +236,13 @@ def ensure_testbed(
             shutil.rmtree(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build_testbed(staging, budget_s=budget_s, seed=seed, progress=progress)
+            build_testbed(
+                staging,
+                budget_s=budget_s,
+                seed=seed,
+                progress=progress,
+                teacher_verbose_share=teacher_verbose_share,
+            )
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -251,9 +276,11 @@ def differing_files(built: Path, reference: Path) -> list[str]:
 
 
 def resolve_model_path(name: str) -> str:
-    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1``) or ``testbed:qwen3-shape`` -> a folder.
+    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1&teacher_verbose=0.75``) or
+    ``testbed:qwen3-shape`` -> a folder.
 
-    The default (``testbed:tiny``) is the folder shipped in the package; other budgets and seeds, and
+    The default (``testbed:tiny``) is the folder shipped in the package; other budgets, seeds and the
+    uncertain-teacher recipe (``teacher_verbose``, :class:`~egrsd_pl.testbed.warmstart.SFTConfig`), and
     ``qwen3-shape``, are built on first use and cached. Any other name (a hub id or a local folder) is
     returned unchanged.
     """
@@ -267,16 +294,23 @@ def resolve_model_path(name: str) -> str:
     if model != "tiny":
         raise ValueError(f"unknown testbed model {name!r}; use 'testbed:tiny' or 'testbed:qwen3-shape'")
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = set(options) - {"budget_s", "seed"}
+    unknown = set(options) - {"budget_s", "seed", "teacher_verbose"}
     if unknown:
-        raise ValueError(f"unknown testbed option(s) {sorted(unknown)} in {name!r}; use budget_s and seed")
+        raise ValueError(
+            f"unknown testbed option(s) {sorted(unknown)} in {name!r}; use budget_s, seed and teacher_verbose"
+        )
     try:
         budget_s = float(options.get("budget_s", DEFAULT_BUDGET_S))
         seed = int(options.get("seed", 0))
+        share = float(options.get("teacher_verbose", 0.0))
     except ValueError as error:
         raise ValueError(f"bad testbed option in {name!r}: {error}") from error
-    packaged = packaged_testbed_dir(budget_s=budget_s, seed=seed)
-    return str(packaged if packaged is not None else ensure_testbed(budget_s=budget_s, seed=seed))
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"bad testbed option in {name!r}: teacher_verbose must be in [0, 1]")
+    packaged = None if share else packaged_testbed_dir(budget_s=budget_s, seed=seed)
+    if packaged is not None:
+        return str(packaged)
+    return str(ensure_testbed(budget_s=budget_s, seed=seed, teacher_verbose_share=share))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,11 @@ class SFTConfig:
         warmup_steps: Linear warm-up steps.
         weight_decay: AdamW weight decay.
         pool_size: Distinct training problems; their verbose chains are redrawn every pass.
+        teacher_verbose_share: Share of the privileged teacher examples trained towards a verbose chain
+            instead of the concise reference. 0 (the shipped testbed): the teacher copies the reference and
+            is almost never uncertain. 0.75 (``testbed:tiny?teacher_verbose=0.75``): given the reference, it
+            still hesitates where a chain may branch (an opener, a re-check, a recap), as a real teacher
+            hesitates where the reference does not fix the wording -- the positions the entropy gate acts on.
     """
 
     batch_size: int = 16
@@ -57,6 +62,7 @@ class SFTConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     pool_size: int = 20_000
+    teacher_verbose_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,17 @@ class GreedyEval:
 
 
 def example_stream(
-    builder: PromptBuilder, problems: Sequence[WorkedProblem], *, seed: int
+    builder: PromptBuilder,
+    problems: Sequence[WorkedProblem],
+    *,
+    seed: int,
+    teacher_verbose_share: float = 0.0,
 ) -> Iterator[tuple[list[int], list[int]]]:
-    """Endless shuffled ``(prompt_ids, completion_ids)`` pairs of the warm-start mix over ``problems``."""
+    """Endless shuffled ``(prompt_ids, completion_ids)`` pairs of the warm-start mix over ``problems``.
+
+    ``teacher_verbose_share``: share of the teacher examples whose target is a verbose chain instead of the
+    concise reference (see :class:`SFTConfig`).
+    """
     rng = random.Random(seed)
     student_prompts: dict[str, list[int]] = {}
     while True:
@@ -104,7 +118,11 @@ def example_stream(
             worked = problems[index]
             if rng.random() < TEACHER_SHARE:
                 prompt = builder.teacher_prompt_ids(worked.text, worked.solution)
-                yield prompt, builder.sft_target_ids(worked.solution)
+                target = worked.solution
+                # Drawn only in the variant, so the default stream (and the shipped build) is unchanged.
+                if teacher_verbose_share > 0 and rng.random() < teacher_verbose_share:
+                    target = f"{worked.verbose_chain(rng)}\n{worked.final_line()}"
+                yield prompt, builder.sft_target_ids(target)
                 continue
             if worked.id not in student_prompts:
                 student_prompts[worked.id] = builder.student_prompt_ids(worked.text)
@@ -161,7 +179,11 @@ def train_sft(
     last = steps if stop_after is None else min(steps, stop_after)
     torch.manual_seed(seed)
     pool = worked_problems(config.pool_size, seed=seed, split="train")
-    batches = _length_sorted_batches(example_stream(builder, pool, seed=seed), config.batch_size, seed=seed)
+    batches = _length_sorted_batches(
+        example_stream(builder, pool, seed=seed, teacher_verbose_share=config.teacher_verbose_share),
+        config.batch_size,
+        seed=seed,
+    )
     pad_id = builder.tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
