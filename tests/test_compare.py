@@ -117,7 +117,17 @@ def test_markdown_tables_hand_checked(tmp_path: Path):
     differences = difference_table(summaries).splitlines()
     assert "| EGRSD | +5.00 ± 2.31 * | -60.0 ± 10.0 * | +151.21 ± 8.94 * |" in differences
     assert "| GRPO | +5.00 | -10.0 | +39.55 |" in differences  # Eff 67 / 0.2 = 335; 335 - 295.45
-    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=1, seeds=[0, 1, 2])
+    # Against EGRSD (--reference egrsd): SFT Acc 40 - 67 = -27, se sqrt(0/2 + 2²/3) = 1.15; AvgLen 50 - 150 = -100
+    # with se 0 (no spread on either side); Eff 800 - 446.67 = +353.33, se sqrt(0/2 + 13.33²/3) = 7.70.
+    against = difference_table(summaries, "egrsd").splitlines()
+    assert against[0].startswith("Against EGRSD (Δ = method − EGRSD")
+    assert "| SFT | -27.00 ± 1.15 * | -100.0 ± 0.0 * | +353.33 ± 7.70 * |" in against
+    assert not any(line.startswith("| EGRSD |") for line in against)
+    assert difference_table(summaries, "ppo") == ""  # no such method: no table
+    paths = write_comparison(
+        summaries, tmp_path, command="egrsd compare …", pending=1, reference="egrsd", seeds=[0, 1, 2]
+    )
+    assert "Against EGRSD" in paths["markdown"].read_text()
     data = json.loads(paths["json"].read_text())
     assert data["methods"]["egrsd"]["eff"]["mean"] == pytest.approx(446.6667, abs=1e-4)
     assert data["methods"]["grpo"]["avg"]["std"] is None  # JSON has no NaN
@@ -203,6 +213,15 @@ def test_bad_methods_file_fails_before_any_run(tmp_path: Path, capsys, spec: str
         )
     assert status.value.code == 2 and not (tmp_path / "out").exists()  # nothing ran, nothing written
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {text}"]
+
+
+def test_reference_must_be_a_compared_method(tmp_path: Path, capsys):
+    paper = str(ROOT / "configs" / "compare" / "paper.yaml")
+    with pytest.raises(SystemExit) as status:
+        egrsd_main(["compare", "--config", TINY, "--methods", paper, "--only", "egrsd", "--reference", "rlsd",
+                    "--output", str(tmp_path / "out"), "--collect"])  # fmt: skip
+    assert status.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == f"error: --reference rlsd: not a compared method of {paper}"
 
 
 def test_methods_file_shape_errors(tmp_path: Path):

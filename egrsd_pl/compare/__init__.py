@@ -21,7 +21,7 @@ from pathlib import Path
 
 from egrsd_pl.compare.aggregate import RunResult, read_result, summarize
 from egrsd_pl.compare.methods import MethodsError, ParseCheck, check_methods, read_methods
-from egrsd_pl.compare.report import accuracy_table, efficiency_table, write_comparison
+from egrsd_pl.compare.report import accuracy_table, difference_table, efficiency_table, write_comparison
 from egrsd_pl.compare.runner import Plan, execute
 
 __all__ = ["main"]
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egrsd compare",
         usage="egrsd compare --config BASE.yaml --methods METHODS.yaml [--seeds S ...] --output DIR "
-        "[--only METHOD ...] [--print-commands | --collect] [--no-progress] [-- FIT_OVERRIDES ...]",
+        "[--only METHOD ...] [--reference METHOD] [--print-commands | --collect] [--no-progress] "
+        "[-- FIT_OVERRIDES ...]",
         epilog="example: egrsd compare --config configs/tiny_vllm.yaml --methods configs/compare/paper.yaml "
         "--seeds 0 1 2 --output comparisons/tiny -- --config configs/compare/tiny.yaml",
         description=(
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="folder of the runs (DIR/runs/<method>/seed_<s>) and the report"
     )
     parser.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods of the file")
+    parser.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="also compare every method against this one (e.g. rlsd: what the entropy gate adds); "
+        "the untrained model is always a reference",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--print-commands",
@@ -89,6 +96,8 @@ def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseChec
         if unknown:
             raise ValueError(f"--only {unknown[0]}: not a method of {args.methods}")
         methods = [m for m in methods if m.name in args.only]
+    if args.reference is not None and args.reference not in {m.name for m in methods}:
+        raise ValueError(f"--reference {args.reference}: not a compared method of {args.methods}")
     plan = Plan(config=args.config, output=Path(args.output), common=common)
     runs = plan.runs(methods, args.seeds)
     if not args.collect:
@@ -113,12 +122,14 @@ def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseChec
         args.output,
         command=command,
         pending=pending,
+        reference=args.reference,
         config=args.config,
         methods_file=args.methods,
         seeds=args.seeds,
         common_overrides=common,
     )
-    print(accuracy_table(summaries), efficiency_table(summaries), sep="\n\n")
+    against = difference_table(summaries, args.reference) if args.reference is not None else ""
+    print(accuracy_table(summaries), efficiency_table(summaries), *([against] if against else []), sep="\n\n")
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     for run, log in failures:
         print(f"failed: {run.name} (see {log})", file=sys.stderr)

@@ -67,13 +67,20 @@ def format_difference(value: Difference, digits: int = 2) -> str:
     return text + (" *" if value.separated else "")
 
 
-def difference_table(summaries: Sequence[MethodSummary]) -> str:
-    """Each method against the reference (the first untrained method, else the first with results):
-    Δ Acc, Δ AvgLen and Δ Eff with their standard errors; ``*`` marks |Δ| > 2 SE."""
+def difference_table(summaries: Sequence[MethodSummary], reference_name: str | None = None) -> str:
+    """Each method against a reference: the method named ``reference_name`` (``--reference``, e.g. RLSD for
+    the gate's own effect), else the first untrained method, else the first with results. Δ Acc, Δ AvgLen and
+    Δ Eff with their standard errors; ``*`` marks |Δ| > 2 SE. Empty when the reference has no results."""
     finished = [s for s in summaries if s.runs]
     if not finished:
         return ""
-    reference = next((s for s in finished if not s.trained), finished[0])
+    if reference_name is not None:
+        named = [s for s in finished if s.name == reference_name]
+        if not named:
+            return ""
+        reference = named[0]
+    else:
+        reference = next((s for s in finished if not s.trained), finished[0])
     lines = [
         f"Against {reference.label} (Δ = method − {reference.label}, ± its standard error over seeds; "
         "* where |Δ| > 2 SE):",
@@ -93,8 +100,11 @@ def difference_table(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def comparison_markdown(summaries: Sequence[MethodSummary], *, command: str, pending: int) -> str:
-    """``comparison.md``: how it was produced, the two tables and how to read them."""
+def comparison_markdown(
+    summaries: Sequence[MethodSummary], *, command: str, pending: int, reference: str | None = None
+) -> str:
+    """``comparison.md``: how it was produced, the two tables, the differences against the untrained model
+    and, with ``reference``, against that method too."""
     k = k_of(summaries)
     parts = [
         "# Comparison",
@@ -122,6 +132,9 @@ def comparison_markdown(summaries: Sequence[MethodSummary], *, command: str, pen
         difference_table(summaries),
         "",
     ]
+    against = difference_table(summaries, reference) if reference is not None else ""
+    if against:
+        parts += [against, ""]
     return "\n".join(parts)
 
 
@@ -172,13 +185,21 @@ def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
 
 
 def write_comparison(
-    summaries: Sequence[MethodSummary], output: str | Path, *, command: str, pending: int, **header: Any
+    summaries: Sequence[MethodSummary],
+    output: str | Path,
+    *,
+    command: str,
+    pending: int,
+    reference: str | None = None,
+    **header: Any,
 ) -> dict[str, Path]:
     """Writes ``comparison.md``, ``comparison.json`` and ``frontier.png`` (when a method has results)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json"}
-    paths["markdown"].write_text(comparison_markdown(summaries, command=command, pending=pending))
+    paths["markdown"].write_text(
+        comparison_markdown(summaries, command=command, pending=pending, reference=reference)
+    )
     data = to_json(summaries, command=command, pending_runs=pending, **header)
     paths["json"].write_text(json.dumps(data, indent=2) + "\n")
     if any(s.runs for s in summaries):
