@@ -21,7 +21,13 @@ from egrsd_pl.compare.aggregate import (
     token_efficiency,
 )
 from egrsd_pl.compare.methods import Method, MethodsError, check_methods, override_args, read_methods
-from egrsd_pl.compare.report import accuracy_table, difference_table, efficiency_table, write_comparison
+from egrsd_pl.compare.report import (
+    accuracy_table,
+    difference_table,
+    efficiency_table,
+    label_offsets,
+    write_comparison,
+)
 from egrsd_pl.compare.runner import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +219,18 @@ def test_bad_methods_file_fails_before_any_run(tmp_path: Path, capsys, spec: str
         )
     assert status.value.code == 2 and not (tmp_path / "out").exists()  # nothing ran, nothing written
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {text}"]
+
+
+def test_labels_of_methods_on_top_of_each_other_are_stacked():
+    # span 100 x 100: (50, 50), (51, 51) and (49, 52) lie within 4 of the first; (10, 90) is alone
+    assert label_offsets([(0, 0), (50, 50), (51, 51), (49, 52), (100, 100), (10, 90)]) == [
+        5,
+        5,
+        -6,
+        -17,
+        5,
+        5,
+    ]
 
 
 def test_reference_must_be_a_compared_method(tmp_path: Path, capsys):

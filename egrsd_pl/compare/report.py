@@ -138,6 +138,26 @@ def comparison_markdown(
     return "\n".join(parts)
 
 
+def label_offsets(points: Sequence[tuple[float, float]], *, near: float = 0.04, step: int = 11) -> list[int]:
+    """Vertical label offsets (points) that stack the labels of methods lying on top of each other.
+
+    A point within ``near`` of the plotted span (in both directions) of an earlier point gets its label one
+    line (``step`` points) below the lowest label of that cluster; other labels sit 5 points above the point.
+    """
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_span = (max(xs) - min(xs)) or 1.0 if points else 1.0
+    y_span = (max(ys) - min(ys)) or 1.0 if points else 1.0
+    offsets: list[int] = []
+    for i, (x, y) in enumerate(points):
+        close = [
+            offsets[j]
+            for j in range(i)
+            if abs(points[j][0] - x) <= near * x_span and abs(points[j][1] - y) <= near * y_span
+        ]
+        offsets.append(min(close) - step if close else 5)
+    return offsets
+
+
 def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
     """Fig. 1: one point per method at (mean AvgLen, mean Avg.) with ±1 seed std error bars in both
     directions, the Pareto frontier as a dashed staircase through its members (edged in black, labels in
@@ -150,6 +170,7 @@ def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
     axes = figure.add_subplot()
     shown = [s for s in summaries if s.runs]
     colors = [f"C{i}" for i in range(10)]
+    offsets = label_offsets([(s.avg_len.mean, s.avg.mean) for s in shown])
     for i, s in enumerate(shown):
         x, y = s.avg_len.mean, s.avg.mean
         xerr = 0.0 if math.isnan(s.avg_len.std) else s.avg_len.std
@@ -162,7 +183,7 @@ def frontier_figure(summaries: Sequence[MethodSummary]) -> Any:
         )  # fmt: skip
         weight = "bold" if s.on_frontier else "normal"
         axes.annotate(
-            f"{s.label} (n={len(s.runs)})", (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8,
+            f"{s.label} (n={len(s.runs)})", (x, y), textcoords="offset points", xytext=(6, offsets[i]), fontsize=8,
             weight=weight,
         )  # fmt: skip
     frontier = sorted((s.avg_len.mean, s.avg.mean) for s in shown if s.on_frontier)
