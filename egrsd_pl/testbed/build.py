@@ -293,24 +293,31 @@ def resolve_model_path(name: str) -> str:
         return str(resolve_qwen3_shape(query))
     if model != "tiny":
         raise ValueError(f"unknown testbed model {name!r}; use 'testbed:tiny' or 'testbed:qwen3-shape'")
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = set(options) - {"budget_s", "seed", "teacher_verbose"}
-    if unknown:
-        raise ValueError(
-            f"unknown testbed option(s) {sorted(unknown)} in {name!r}; use budget_s, seed and teacher_verbose"
-        )
-    try:
-        budget_s = float(options.get("budget_s", DEFAULT_BUDGET_S))
-        seed = int(options.get("seed", 0))
-        share = float(options.get("teacher_verbose", 0.0))
-    except ValueError as error:
-        raise ValueError(f"bad testbed option in {name!r}: {error}") from error
+    options = testbed_options(
+        "tiny", query, {"budget_s": DEFAULT_BUDGET_S, "seed": 0, "teacher_verbose": 0.0}
+    )
+    budget_s, seed, share = options["budget_s"], options["seed"], options["teacher_verbose"]
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"bad testbed option in {name!r}: teacher_verbose must be in [0, 1]")
+        raise ValueError(f"bad testbed:tiny option in {query!r}: teacher_verbose must be in [0, 1]")
     packaged = None if share else packaged_testbed_dir(budget_s=budget_s, seed=seed)
     if packaged is not None:
         return str(packaged)
     return str(ensure_testbed(budget_s=budget_s, seed=seed, teacher_verbose_share=share))
+
+
+def testbed_options(model: str, query: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``testbed:<model>?key=value&...`` (``query``: the part after ``?``), each converted to
+    the type of its default; an unknown key or a bad value is one line naming the model and the query."""
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown testbed:{model} option(s) {unknown} in {query!r}; use {', '.join(defaults)}"
+        )
+    try:
+        return {key: type(default)(options.get(key, default)) for key, default in defaults.items()}
+    except ValueError as error:
+        raise ValueError(f"bad testbed:{model} option in {query!r}: {error}") from error
 
 
 @contextlib.contextmanager

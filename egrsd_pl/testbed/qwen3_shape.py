@@ -22,14 +22,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from egrsd_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_TRANSITION, REFERENCE_BEGIN, REFERENCE_END
-from egrsd_pl.testbed.build import exclusive_lock
+from egrsd_pl.testbed.build import exclusive_lock, testbed_options
 from egrsd_pl.testbed.qwen3_template import (
     QWEN3_ADDED_TOKENS,
     QWEN3_ADDITIONAL_SPECIAL_TOKENS,
@@ -226,19 +225,14 @@ def ensure_qwen3_shape(
 
 def resolve_qwen3_shape(query: str) -> Path:
     """``testbed:qwen3-shape[?hidden_size=1024&num_layers=2&seed=0]`` (the part after ``?``) -> cached folder."""
-    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
-    unknown = set(options) - {"hidden_size", "num_layers", "seed"}
-    if unknown:
-        raise ValueError(
-            f"unknown testbed:qwen3-shape option(s) {sorted(unknown)}; use hidden_size, num_layers and seed"
-        )
-    try:
-        seed = int(options.get("seed", 0))
-        hidden_size = int(options.get("hidden_size", DEFAULT_HIDDEN_SIZE))
-        num_layers = int(options.get("num_layers", DEFAULT_NUM_LAYERS))
-    except ValueError as error:
-        raise ValueError(f"bad testbed:qwen3-shape option in {query!r}: {error}") from error
-    return ensure_qwen3_shape(seed=seed, hidden_size=hidden_size, num_layers=num_layers)
+    options = testbed_options(
+        "qwen3-shape",
+        query,
+        {"hidden_size": DEFAULT_HIDDEN_SIZE, "num_layers": DEFAULT_NUM_LAYERS, "seed": 0},
+    )
+    return ensure_qwen3_shape(
+        seed=options["seed"], hidden_size=options["hidden_size"], num_layers=options["num_layers"]
+    )
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
