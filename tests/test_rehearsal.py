@@ -25,7 +25,6 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import Rollout
+from egrsd_pl.testbed.warmstart import fixed_threads  # one intra-op thread: far faster on 2 shared cores
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/compare/ holds `egrsd compare` methods files and its overlay (tests/test_compare.py), not fit configs.
@@ -92,17 +92,6 @@ def rehearsal_groups() -> list[list[Path]]:
 
 
 GROUPS = rehearsal_groups()
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Two shared cores: one intra-op thread is much faster than two contended ones (tests/test_resume.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +191,7 @@ def test_paper_config_rehearses_on_cpu(
     if raw["model"]["objective"] == "grpo":
         monkeypatch.setattr(RolloutDataModule, "score", AlternatingRewards.score)
     monkeypatch.chdir(tmp_path)
-    with one_torch_thread():
+    with fixed_threads(1):
         cli = rehearse(config)
     module, trainer = cli.model, cli.trainer
     log_dir = tmp_path / trainer.log_dir  # relative to the run's working folder
@@ -242,7 +231,7 @@ def validate_checkpoint(
     args = ["validate", "--config", str(config), "--config", str(REHEARSAL), EAGER_VLLM, *extra]
     tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)
-    with one_torch_thread():
+    with fixed_threads(1):
         cli = build_cli(args)
     report_dir = tmp_path / cli.trainer.log_dir / "eval" / "last"
     report = json.loads((report_dir / "results.json").read_text())

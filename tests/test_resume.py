@@ -26,6 +26,7 @@ from callbacks.checkpoint import adapter_dir
 from callbacks.reward_statistics import RewardStatistics
 from callbacks.teacher_update import TeacherUpdate
 from egrsd_cli import build_cli
+from egrsd_pl.testbed.warmstart import fixed_threads  # one intra-op thread: far faster on 2 shared cores
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,17 +69,6 @@ def cli_args(model_dir: str | os.PathLike[str], max_steps: int, *extra: str) -> 
 
 
 @contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Two shared cores: one intra-op thread ran these runs ~15x faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
 def working_dir(path: Path) -> Iterator[None]:
     previous = Path.cwd()
     path.mkdir(parents=True, exist_ok=True)
@@ -106,10 +96,10 @@ def reward_stats(cli: Any) -> dict[str, Any]:
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Any]:
     """Six straight steps (checkpoint every 2), and 2 + 2 + 2 steps with ``--ckpt_path last`` twice."""
     straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
-    with one_torch_thread(), working_dir(straight_dir):
+    with fixed_threads(1), working_dir(straight_dir):
         straight = build_cli(cli_args(tiny_model_dir, STRAIGHT_STEPS, "--checkpoint.every_n_train_steps=2"))
     resumed = []
-    with one_torch_thread(), working_dir(resumed_dir):
+    with fixed_threads(1), working_dir(resumed_dir):
         for index, stop in enumerate(STOPS):
             resumed.append(
                 build_cli(cli_args(tiny_model_dir, stop, *(["--ckpt_path=last"] if index else [])))
@@ -246,9 +236,9 @@ def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, 
         "--data.max_new_tokens=32",
         '--data.engine={"class_path": "test_ddp.FixedEngine", "init_args": {"source": "synthetic:6"}}',
     )
-    with one_torch_thread(), working_dir(tmp_path / "straight"):
+    with fixed_threads(1), working_dir(tmp_path / "straight"):
         straight = build_cli(cli_args(tiny_model_dir, 4, *options))
-    with one_torch_thread(), working_dir(tmp_path / "resumed"):
+    with fixed_threads(1), working_dir(tmp_path / "resumed"):
         build_cli(cli_args(tiny_model_dir, 2, *options))
         resumed = build_cli(cli_args(tiny_model_dir, 4, *options, "--ckpt_path=last"))
     for adapter in ("default", "teacher"):
@@ -269,9 +259,9 @@ def test_gradient_accumulation_resume_and_once_per_step_updates(tiny_model_dir, 
 def test_crisp_resume_across_a_teacher_refresh_is_exact(tiny_model_dir, tmp_path):
     """CRISP, hard copy every 3 steps: 4 straight steps = 2 + resume + 2, the refresh after step 3 in between."""
     options = ("--model.objective=crisp", "--teacher.schedule=hard_copy", "--teacher.every_k_steps=3")
-    with one_torch_thread(), working_dir(tmp_path / "straight"):
+    with fixed_threads(1), working_dir(tmp_path / "straight"):
         straight = build_cli(cli_args(tiny_model_dir, 4, *options))
-    with one_torch_thread(), working_dir(tmp_path / "resumed"):
+    with fixed_threads(1), working_dir(tmp_path / "resumed"):
         stopped = build_cli(cli_args(tiny_model_dir, 2, *options))
         stopped_teacher = lora_weights(stopped, "teacher")
         resumed = build_cli(cli_args(tiny_model_dir, 4, *options, "--ckpt_path=last"))
@@ -358,7 +348,7 @@ def test_sigterm_during_training_leaves_a_checkpoint_that_resumes(tiny_model_dir
     assert 1 <= saved["global_step"] < 50
     assert (adapter_dir(checkpoints / "last.ckpt") / "adapter_model.safetensors").is_file()
 
-    with one_torch_thread(), working_dir(tmp_path):
+    with fixed_threads(1), working_dir(tmp_path):
         resumed = build_cli(
             cli_args(
                 tiny_model_dir,
