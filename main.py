@@ -1,6 +1,6 @@
 """``python main.py fit --config configs/egrsd.yaml`` — see README.md and ``python main.py fit --help``."""
 
-from egrsd_cli import main
+from egrsd_pl.cli import main
 
 if __name__ == "__main__":
     main()

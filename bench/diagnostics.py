@@ -28,8 +28,8 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from callbacks.diagnostics import MechanismDiagnostics  # noqa: E402
-from egrsd_cli import build_cli  # noqa: E402
+from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics  # noqa: E402
+from egrsd_pl.cli import build_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """Lightning callbacks, one per file."""
 
-from callbacks.evaluation import PeriodicEvaluation
+from egrsd_pl.callbacks.evaluation import PeriodicEvaluation
 
 __all__ = ["PeriodicEvaluation"]

@@ -31,7 +31,7 @@ class AdapterCheckpoint(ModelCheckpoint):
     """Lightning's :class:`ModelCheckpoint` with the run's defaults, atomic files and a PEFT export.
 
     Every ``every_n_train_steps`` optimizer steps (paper: 25), at the final step (``max_steps``), at the
-    end of training and when :class:`callbacks.graceful_stop.GracefulStop` stops the run, it writes
+    end of training and when :class:`egrsd_pl.callbacks.graceful_stop.GracefulStop` stops the run, it writes
     ``epoch=E-step=S.ckpt`` and refreshes ``last.ckpt``; nothing is ever deleted (``save_top_k=-1``).
     Saves happen at optimizer-step boundaries, in ``on_train_batch_end``, before Lightning closes an
     epoch. A ``.ckpt`` holds what an exact resume needs: the LoRA tensors (student and, with

@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from callbacks.checkpoint import AdapterCheckpoint
+from egrsd_pl.callbacks.checkpoint import AdapterCheckpoint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -24,7 +24,7 @@ class GracefulStop(L.Callback):
     the end of each optimizer step the ranks agree with one all-reduce whether any of them got one, so
     all of them stop after the same step. Under gradient accumulation a signal that lands mid-step waits
     for the step's last micro-batch: stopping earlier would lose the accumulated gradients and the
-    step's pending rewards. Then every :class:`~callbacks.checkpoint.AdapterCheckpoint` writes its
+    step's pending rewards. Then every :class:`~egrsd_pl.callbacks.checkpoint.AdapterCheckpoint` writes its
     checkpoint and ``last.ckpt``, and the run ends as Lightning ends one: SIGTERM through
     ``SIGTERMException`` (exit status 0), Ctrl-C through ``KeyboardInterrupt`` (exit status 1). A second
     Ctrl-C aborts at once, without a checkpoint. The CLI always installs this callback.

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.evaluation import PeriodicEvaluation
+from egrsd_pl.callbacks.evaluation import PeriodicEvaluation
 
 # (metric logged by the module, row label, format of a value)
 TRACKED: tuple[tuple[str, str, str], ...] = (
@@ -35,7 +35,7 @@ class RunSummary(pl.Callback):
     ``results.md`` that :class:`PeriodicEvaluation` writes), and gives the last checkpoint, its PEFT
     adapter folder and the command that resumes the run. The per-step values are kept in the
     checkpoint, so a resumed run summarises all its steps. The CLI forces it on (``--summary.*``)
-    together with :class:`~callbacks.progress.StepProgressBar`; ``--summary.enabled false`` turns both off.
+    together with :class:`~egrsd_pl.callbacks.progress.StepProgressBar`; ``--summary.enabled false`` turns both off.
 
     Args:
         enabled: Print the start line and the summary (and, from the CLI, use the step progress bar).

@@ -146,12 +146,12 @@ class EGRSDModule(L.LightningModule):
         if self.objective_spec.uses_rollouts and self.reward_statistics is None:
             raise RuntimeError(
                 "the running reward statistics are part of the algorithm: add callbacks.RewardStatistics to "
-                "the Trainer (main.py / egrsd_cli adds it automatically)"
+                "the Trainer (main.py / egrsd_pl.cli adds it automatically)"
             )
         if self.teacher.has_adapter and self.teacher.driver is None:
             raise RuntimeError(
                 f"--model.teacher {self.teacher.schedule!r} needs callbacks.TeacherUpdate to move the teacher "
-                "adapter (main.py / egrsd_cli adds it automatically, from --teacher.*)"
+                "adapter (main.py / egrsd_pl.cli adds it automatically, from --teacher.*)"
             )
 
     def configure_model(self) -> None:
@@ -345,7 +345,7 @@ class EGRSDModule(L.LightningModule):
         if self.reward_statistics is None:
             raise RuntimeError(
                 "the running reward statistics are part of the algorithm: add callbacks.RewardStatistics to "
-                "the Trainer (main.py / egrsd_cli adds it automatically)"
+                "the Trainer (main.py / egrsd_pl.cli adds it automatically)"
             )
         return self.reward_statistics
 

@@ -18,17 +18,17 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.checkpoint import (
+from egrsd_pl.callbacks.checkpoint import (
     AdapterCheckpoint,
     adapter_dir,
     find_last_checkpoint,
     restore_rng_states,
     rng_states,
 )
-from callbacks.graceful_stop import GracefulStop
-from callbacks.grad_norm import GradNormMonitor
-from callbacks.reward_statistics import RewardStatistics
-from callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.callbacks.graceful_stop import GracefulStop
+from egrsd_pl.callbacks.grad_norm import GradNormMonitor
+from egrsd_pl.callbacks.reward_statistics import RewardStatistics
+from egrsd_pl.callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, checkpoint_damage
 from egrsd_pl.teacher import Teacher
 

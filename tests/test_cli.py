@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from egrsd_cli import EGRSDCLI, build_cli
+from egrsd_pl.cli import EGRSDCLI, build_cli
 from egrsd_pl.prompts import DEFAULT_CONCISE_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from egrsd_cli import main as egrsd_main
-from egrsd_cli import parse_error
+from egrsd_pl.cli import main as egrsd_main
+from egrsd_pl.cli import parse_error
 from egrsd_pl.compare.aggregate import (
     SeedStat,
     difference,
@@ -267,7 +267,7 @@ def test_commands_and_pending_runs(tmp_path: Path):
     runs = plan.runs(methods, [0, 1])
     assert [r.name for r in runs] == ["no_train/seed_0", "egrsd/seed_0", "no_train/seed_1", "egrsd/seed_1"]
     fit = plan.fit_command(runs[3])
-    assert fit[:6] == ["python", "-m", "egrsd_cli", "fit", "--config", "configs/tiny.yaml"]
+    assert fit[:6] == ["python", "-m", "egrsd_pl.cli", "fit", "--config", "configs/tiny.yaml"]
     # the common overrides come before the method's (a method is more specific), the run's own flags last
     assert fit.index("--trainer.max_steps") < fit.index("--model.gamma") < fit.index("--seed_everything")
     assert fit[fit.index("--seed_everything") + 1] == "1" and fit[-2:] == ["--ckpt_path", "last"]
@@ -285,7 +285,7 @@ def test_commands_and_pending_runs(tmp_path: Path):
     runs[2].results_path.write_text("{}")
     assert runs[2].status() == "done" and plan.pending_commands(runs[2]) == []
     line = plan.shell_line(runs[1], Path("/some/where"))
-    assert line.startswith("cd /some/where && python -m egrsd_cli validate ") and " fit " not in line
+    assert line.startswith("cd /some/where && python -m egrsd_pl.cli validate ") and " fit " not in line
 
 
 def test_a_run_started_with_other_settings_is_not_reused(tmp_path: Path):

@@ -119,7 +119,7 @@ class RecordStep(L.Callback):
         self.record["normaliser"].append(None if normaliser is None else float(normaliser))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from callbacks.reward_statistics import RewardStatistics
+        from egrsd_pl.callbacks.reward_statistics import RewardStatistics
 
         stats = next(c for c in trainer.callbacks if isinstance(c, RewardStatistics))
         self.record.update(
@@ -169,7 +169,7 @@ def run_main(workdir: Path, model_dir: str, *args: str) -> None:
 
 def run_in_process(workdir: Path, model_dir: str, *args: str) -> None:
     """The same run in this process (one device): no interpreter start-up, one torch thread."""
-    from egrsd_cli import build_cli
+    from egrsd_pl.cli import build_cli
 
     workdir.mkdir(parents=True, exist_ok=True)
     previous, threads = Path.cwd(), torch.get_num_threads()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.diagnostics import MechanismDiagnostics
-from egrsd_cli import build_cli
+from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics
+from egrsd_pl.cli import build_cli
 from egrsd_pl.diagnostics import main as diagnose
 from egrsd_pl.diagnostics.command import load_module
 

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from callbacks import PeriodicEvaluation
+from egrsd_pl.callbacks import PeriodicEvaluation
 from egrsd_pl.evaluation import (
     PAPER_BENCHMARKS,
     REPEAT_SEED_STRIDE,

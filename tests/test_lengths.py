@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from callbacks import PeriodicEvaluation
+from egrsd_pl.callbacks import PeriodicEvaluation
 from egrsd_pl.evaluation import Benchmark
 from egrsd_pl.rollout.base import (
     Rollout,

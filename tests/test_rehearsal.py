@@ -34,12 +34,12 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.checkpoint import AdapterCheckpoint
-from callbacks.evaluation import PeriodicEvaluation
-from callbacks.grad_norm import GradNormMonitor
-from callbacks.reward_statistics import RewardStatistics
-from callbacks.teacher_update import TeacherUpdate
-from egrsd_cli import build_cli
+from egrsd_pl.callbacks.checkpoint import AdapterCheckpoint
+from egrsd_pl.callbacks.evaluation import PeriodicEvaluation
+from egrsd_pl.callbacks.grad_norm import GradNormMonitor
+from egrsd_pl.callbacks.reward_statistics import RewardStatistics
+from egrsd_pl.callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.cli import build_cli
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem

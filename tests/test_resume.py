@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import torch
 
-from callbacks.checkpoint import adapter_dir
-from callbacks.reward_statistics import RewardStatistics
-from callbacks.teacher_update import TeacherUpdate
-from egrsd_cli import build_cli
+from egrsd_pl.callbacks.checkpoint import adapter_dir
+from egrsd_pl.callbacks.reward_statistics import RewardStatistics
+from egrsd_pl.callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.cli import build_cli
 from egrsd_pl.testbed.warmstart import fixed_threads  # one intra-op thread: far faster on 2 shared cores
 
 pytestmark = [

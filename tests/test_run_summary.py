@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-import egrsd_cli as cli
-from callbacks.run_summary import first_last_table, resume_command
-from egrsd_cli import build_cli, check_accelerator
+import egrsd_pl.cli as cli
+from egrsd_pl.callbacks.run_summary import first_last_table, resume_command
+from egrsd_pl.cli import build_cli, check_accelerator
 from egrsd_pl.problem_sources import DatasetError, load_problems
 
 ROOT = Path(__file__).resolve().parents[1]

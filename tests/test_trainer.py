@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from callbacks.grad_norm import GradNormMonitor
-from callbacks.reward_statistics import RewardStatistics
-from callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.callbacks.grad_norm import GradNormMonitor
+from egrsd_pl.callbacks.reward_statistics import RewardStatistics
+from egrsd_pl.callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, parse_error: ParseCheck) -> int:
     """Runs ``egrsd compare``; returns the exit status (0 ok, 1 a run failed, 2 bad input).
 
-    ``parse_error`` is the CLI's parse check (:func:`egrsd_cli.parse_error`, handed in by ``egrsd``): every
+    ``parse_error`` is the CLI's parse check (:func:`egrsd_pl.cli.parse_error`, handed in by ``egrsd``): every
     method is parsed with it before any run.
     """
     argv = list(sys.argv[1:] if argv is None else argv)

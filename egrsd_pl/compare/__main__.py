@@ -5,4 +5,4 @@ import os
 import sys
 
 if __name__ == "__main__":
-    os.execv(sys.executable, [sys.executable, "-m", "egrsd_cli", "compare", *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, "-m", "egrsd_pl.cli", "compare", *sys.argv[1:]])

@@ -124,7 +124,7 @@ def check_methods(
         path: The methods file (for the message).
         methods: Methods read from it.
         base_args: Arguments before the method's overrides (``--config BASE`` and the common overrides).
-        parse_error: The CLI's parse check, given by the composition root (:func:`egrsd_cli.parse_error`):
+        parse_error: The CLI's parse check, given by the composition root (:func:`egrsd_pl.cli.parse_error`):
             ``None`` when the arguments parse as ``fit``'s, else the parser's message in one line.
 
     Raises:

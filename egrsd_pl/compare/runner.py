@@ -115,10 +115,10 @@ class Plan:
         return ["--config", self.config, *self.common]
 
     def fit_command(self, run: Run) -> list[str]:
-        """``python -m egrsd_cli fit``: base config, fit defaults, common overrides, the method's
+        """``python -m egrsd_pl.cli fit``: base config, fit defaults, common overrides, the method's
         overrides, the seed (training and evaluation sampling), the run's folders, ``--ckpt_path last``."""
         return [
-            self.python, "-m", "egrsd_cli", "fit",
+            self.python, "-m", "egrsd_pl.cli", "fit",
             "--config", self.config, *FIT_DEFAULTS, *self.common, *run.method.args(),
             *self._location(run),
             "--checkpoint.dirpath", str(run.directory / "checkpoints"),
@@ -126,11 +126,11 @@ class Plan:
         ]  # fmt: skip
 
     def validate_command(self, run: Run) -> list[str]:
-        """``python -m egrsd_cli validate`` of the run's ``last.ckpt`` (the base model when ``fit`` is off),
+        """``python -m egrsd_pl.cli validate`` of the run's ``last.ckpt`` (the base model when ``fit`` is off),
         writing ``results.json`` under ``<run>/eval``."""
         checkpoint = ["--ckpt_path", str(run.last_checkpoint)] if run.method.fit else []
         return [
-            self.python, "-m", "egrsd_cli", "validate",
+            self.python, "-m", "egrsd_pl.cli", "validate",
             *self.base_args(), *run.method.args(),
             *self._location(run, sub_dir="validate"),
             "--evaluation.report_dir", str(run.directory / "eval"),

@@ -8,7 +8,7 @@ lists them all and ``--model.gamma 0.5`` just works. The callbacks that are part
 options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; checkpointing
 (``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what
 ``validate`` runs) are always there too, as are the live mechanism diagnostics (``--diagnostics.*``, off unless
-enabled) and :class:`~callbacks.run_summary.RunSummary` (``--summary.*``): a start line, a progress bar in steps
+enabled) and :class:`~egrsd_pl.callbacks.run_summary.RunSummary` (``--summary.*``): a start line, a progress bar in steps
 out of ``max_steps`` and a closing summary.
 """
 
@@ -30,15 +30,15 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from callbacks.checkpoint import AdapterCheckpoint, find_last_checkpoint
-from callbacks.diagnostics import MechanismDiagnostics
-from callbacks.evaluation import PeriodicEvaluation
-from callbacks.graceful_stop import GracefulStop
-from callbacks.grad_norm import GradNormMonitor
-from callbacks.progress import StepProgressBar
-from callbacks.reward_statistics import RewardStatistics
-from callbacks.run_summary import RunSummary
-from callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.callbacks.checkpoint import AdapterCheckpoint, find_last_checkpoint
+from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics
+from egrsd_pl.callbacks.evaluation import PeriodicEvaluation
+from egrsd_pl.callbacks.graceful_stop import GracefulStop
+from egrsd_pl.callbacks.grad_norm import GradNormMonitor
+from egrsd_pl.callbacks.progress import StepProgressBar
+from egrsd_pl.callbacks.reward_statistics import RewardStatistics
+from egrsd_pl.callbacks.run_summary import RunSummary
+from egrsd_pl.callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 
@@ -248,5 +248,5 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":  # python -m egrsd_cli fit ... (what egrsd compare runs)
+if __name__ == "__main__":  # python -m egrsd_pl.cli fit ... (what egrsd compare runs)
     main()
