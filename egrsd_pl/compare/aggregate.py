@@ -171,35 +171,6 @@ def summarize(
     ]
 
 
-class Difference(NamedTuple):
-    """A method's mean minus the reference's mean, with the standard error of that difference.
-
-    ``se = sqrt(s_a² / n_a + s_b² / n_b)`` from the sample stds over seeds (NaN when either side has fewer
-    than two seeds); ``separated`` when ``|delta| > 2 · se``, a rough two-sided check that the difference
-    exceeds the seed spread (with 3 seeds per side a t-test would ask for ~2.8 SE at 95 %).
-    """
-
-    delta: float
-    se: float
-
-    @property
-    def separated(self) -> bool:
-        return not math.isnan(self.se) and abs(self.delta) > 2.0 * self.se
-
-
-def difference(value: SeedStat, reference: SeedStat) -> Difference:
-    """``value − reference`` of two seed statistics and its standard error (see :class:`Difference`).
-
-    Example: 67 ± 2 (n 3) against 62 ± 2.828 (n 2): delta 5, se = sqrt(4/3 + 8/2) = 2.309; 5 > 4.62.
-    """
-    se = (
-        math.sqrt(value.std**2 / value.n + reference.std**2 / reference.n)
-        if min(value.n, reference.n) > 1
-        else math.nan
-    )
-    return Difference(value.mean - reference.mean, se)
-
-
 def benchmarks_of(summaries: Sequence[MethodSummary]) -> list[str]:
     """The benchmarks of the comparison (those of the first method with results)."""
     return next((list(s.accuracy) for s in summaries if s.runs), [])
@@ -214,7 +185,7 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
     """``comparison.json``: ``header`` and, per method, every statistic and every run (seed, path, values)."""
 
     def stat(value: SeedStat) -> dict[str, Any]:
-        return {"mean": _finite(value.mean), "std": _finite(value.std), "n": value.n}
+        return {"mean": finite_or_none(value.mean), "std": finite_or_none(value.std), "n": value.n}
 
     return {
         **header,
@@ -231,7 +202,7 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
                 "eff": stat(s.eff),
                 "on_frontier": s.on_frontier,
                 "runs": [
-                    {**r._asdict(), "eff": _finite(r.eff), "run_dir": str(Path(r.path).parents[2])}
+                    {**r._asdict(), "eff": finite_or_none(r.eff), "run_dir": str(Path(r.path).parents[2])}
                     for r in s.runs
                 ],
             }
@@ -240,5 +211,6 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
     }
 
 
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
+def finite_or_none(value: float) -> float | None:
+    """``value``, or ``None`` for NaN and ±inf (strict JSON has neither)."""
+    return value if math.isfinite(value) else None
