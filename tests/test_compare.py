@@ -12,6 +12,7 @@ from scipy import stats
 
 from egrsd_pl.cli import main as egrsd_main
 from egrsd_pl.cli import parse_error
+from egrsd_pl.compare import main as compare_main
 from egrsd_pl.compare.aggregate import (
     SeedStat,
     pareto_frontier,
@@ -28,7 +29,7 @@ from egrsd_pl.compare.report import (
     label_offsets,
     write_comparison,
 )
-from egrsd_pl.compare.runner import Plan
+from egrsd_pl.compare.runner import Plan, execute
 from egrsd_pl.compare.significance import holm_adjust, welch_difference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def test_markdown_tables_hand_checked(tmp_path: Path):
         "seed_1",
         "seed_2",
     ]
-    assert "1 run(s) have no results yet" in paths["markdown"].read_text()
+    assert "1 run(s) are not finished" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 0
 
 
@@ -384,3 +385,121 @@ def test_a_run_started_with_other_settings_is_not_reused(tmp_path: Path):
     changed = Method("egrsd", "EGRSD", overrides={"model.gamma": 0.5})
     with pytest.raises(ValueError, match="started with other method"):
         plan.check_settings(plan.runs([changed], [0]))
+
+
+class FakeSubprocesses:
+    """Stands in for :func:`egrsd_pl.compare.runner.run_logged`: records each command and does what its
+    ``fit``/``validate`` would leave on disk, without a model.
+
+    ``fit`` writes ``epoch=0-step=S.ckpt`` every ``--checkpoint.every_n_train_steps`` up to
+    ``--trainer.max_steps`` and ``last.ckpt`` (each file holds its step, as text); ``validate`` writes
+    ``<report_dir>/<checkpoint stem or base>/results.json`` with Avg. ``50 + step + seed`` and AvgLen
+    ``100 - step``, as :class:`egrsd_pl.callbacks.evaluation.PeriodicEvaluation` names its reports.
+    """
+
+    def __init__(self, write_results: bool = True) -> None:
+        self.commands: list[list[str]] = []
+        self.write_results = write_results
+
+    def __call__(self, command: list[str], log: Path) -> int:
+        self.commands.append(list(command))
+
+        def value(flag: str) -> str:
+            return command[len(command) - 1 - command[::-1].index(flag) + 1]  # the last occurrence wins
+
+        if command[3] == "fit":
+            folder = Path(value("--checkpoint.dirpath"))
+            folder.mkdir(parents=True, exist_ok=True)
+            max_steps, every = (
+                int(value("--trainer.max_steps")),
+                int(value("--checkpoint.every_n_train_steps")),
+            )
+            for step in range(every, max_steps + 1, every):
+                (folder / f"epoch=0-step={step}.ckpt").write_text(str(step))
+            (folder / "last.ckpt").write_text(str(max_steps))
+            (folder / ".last.ckpt.partial").write_text("a save in progress: not a snapshot")
+        elif self.write_results:
+            checkpoint = Path(value("--ckpt_path")) if "--ckpt_path" in command else None
+            step = int(checkpoint.read_text()) if checkpoint else 0
+            seed = int(value("--seed_everything"))
+            result = {"label": "x", "step": step, "k": 2, "avg": 50 + step + seed, "avg_len": 100 - step}
+            result["benchmarks"] = {"synthetic": {"avg_at_k": 50 + step + seed}}
+            out = Path(value("--evaluation.report_dir")) / (checkpoint.stem if checkpoint else "base")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(result))
+        return 0
+
+    def evaluated(self) -> list[str]:
+        """``<method>/seed_<s>:<checkpoint name>`` of every validate (``base`` without a checkpoint)."""
+        names = []
+        for command in self.commands:
+            if command[3] == "validate":
+                run = Path(command[command.index("--evaluation.report_dir") + 1]).parent
+                stem = (
+                    Path(command[command.index("--ckpt_path") + 1]).stem
+                    if "--ckpt_path" in command
+                    else "base"
+                )
+                names.append(f"{run.parent.name}/{run.name}:{stem}")
+        return names
+
+
+def test_snapshots_every_checkpoint_evaluated_once_and_resumed(tmp_path: Path, monkeypatch, capsys):
+    fake = FakeSubprocesses()
+    monkeypatch.setattr("egrsd_pl.compare.runner.run_logged", fake)
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("methods:\n  no_train: {label: no-train, fit: false}\n  egrsd: {label: EGRSD}\n")
+    output = tmp_path / "cmp"
+    argv = ["--config", TINY, "--methods", str(methods), "--seeds", "0", "1", "--output", str(output)]
+    argv += [
+        "--snapshots",
+        "--no-progress",
+        "--",
+        "--trainer.max_steps",
+        "4",
+        "--checkpoint.every_n_train_steps",
+        "2",
+    ]
+    assert compare_main(argv, parse_error=parse_error) == 0
+    # 4 steps, a checkpoint every 2: step=2 and step=4 per run; step=4 is last.ckpt's step, so eval/last covers it
+    assert sorted(fake.evaluated()) == [
+        "egrsd/seed_0:epoch=0-step=2", "egrsd/seed_0:last", "egrsd/seed_1:epoch=0-step=2", "egrsd/seed_1:last",
+        "no_train/seed_0:base", "no_train/seed_1:base",
+    ]  # fmt: skip
+    assert sum(command[3] == "fit" for command in fake.commands) == 2
+    run = output / "runs" / "egrsd" / "seed_1"
+    # Avg. = 50 + step + seed: step 2 -> 52, 53 (52.50 ± 0.71); step 4 -> 54, 55; the runs' means over
+    # snapshots 53 and 54 -> 53.50 ± 0.71. AvgLen = 100 - step: 98 and 96 on both seeds, mean 97.
+    markdown = (output / "comparison.md").read_text()
+    assert "| Method | seeds | S1 (step 2) | S2 (step 4) | mean over snapshots |" in markdown
+    assert "| EGRSD | 2 | 52.50 ± 0.71 | 54.50 ± 0.71 | 53.50 ± 0.71 |" in markdown
+    assert "| EGRSD | 2 | 98.0 ± 0.0 | 96.0 ± 0.0 | 97.0 ± 0.0 |" in markdown
+    assert "| no-train |" not in markdown.split("## Snapshots")[1]  # nothing to snapshot without training
+    data = json.loads((output / "comparison.json").read_text(), parse_constant=reject_constant)
+    snapshots = data["snapshots"]
+    assert snapshots["steps"] == [2, 4] and list(snapshots["methods"]) == ["egrsd"]
+    assert snapshots["methods"]["egrsd"]["mean_over_snapshots"]["avg"]["mean"] == 53.5
+    assert [(r["seed"], r["step"], Path(r["path"]).parent.name) for r in snapshots["methods"]["egrsd"]["runs"]] == [
+        (0, 2, "epoch=0-step=2"), (0, 4, "last"), (1, 2, "epoch=0-step=2"), (1, 4, "last"),
+    ]  # fmt: skip
+
+    fake.commands.clear()  # a second invocation evaluates nothing
+    assert compare_main(argv, parse_error=parse_error) == 0 and fake.commands == []
+    (run / "eval" / "epoch=0-step=2" / "results.json").unlink()  # one snapshot lost: only it runs again
+    capsys.readouterr()
+    assert compare_main(["--print-commands", *argv], parse_error=parse_error) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and f"--ckpt_path {run / 'checkpoints' / 'epoch=0-step=2.ckpt'}" in lines[0]
+    assert compare_main(argv, parse_error=parse_error) == 0
+    assert fake.evaluated() == ["egrsd/seed_1:epoch=0-step=2"]
+
+
+def test_a_step_that_writes_no_results_fails_instead_of_looping(tmp_path: Path, monkeypatch):
+    fake = FakeSubprocesses(write_results=False)
+    monkeypatch.setattr("egrsd_pl.compare.runner.run_logged", fake)
+    common = ["--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2"]
+    plan = Plan(config=TINY, output=tmp_path, common=common, snapshots=True)
+    runs = plan.runs([Method("egrsd", "EGRSD")], [0])
+    failures = execute(plan, runs, progress=False)
+    assert [(r.name, log.name) for r, log in failures] == [("egrsd/seed_0", "validate.log")]
+    assert [command[3] for command in fake.commands] == ["fit", "validate"]  # validate once, then stop

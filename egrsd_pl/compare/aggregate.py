@@ -171,6 +171,81 @@ def summarize(
     ]
 
 
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """A method's evaluations of every saved checkpoint (``--snapshots``; the paper's Table 4, S1–S4).
+
+    Attributes:
+        name: The method's name.
+        label: Its label.
+        runs: ``(step, result)`` of every evaluated snapshot, by seed then step.
+        avg: ``Avg.`` over seeds at each step.
+        avg_len: ``AvgLen`` over seeds at each step.
+        mean_avg: Over seeds, each run's mean ``Avg.`` over its snapshots; only runs with a result at every
+            step of the method (a run with a snapshot still to evaluate would average other steps).
+        mean_avg_len: The same for ``AvgLen``.
+    """
+
+    name: str
+    label: str
+    runs: tuple[tuple[int, RunResult], ...]
+    avg: dict[int, SeedStat]
+    avg_len: dict[int, SeedStat]
+    mean_avg: SeedStat
+    mean_avg_len: SeedStat
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.avg)
+
+
+def summarize_snapshots(name: str, label: str, snapshots: Sequence[tuple[int, RunResult]]) -> SnapshotSummary:
+    """Seed statistics of one method's snapshot evaluations, per step and averaged over steps.
+
+    Example: seed 0 at steps 2, 4 with Avg. 40, 50 and seed 1 with 44, 54: step 2 is 42 ± 2.83, step 4
+    52 ± 2.83; the runs' means over snapshots are 45 and 49, so the mean over snapshots is 47 ± 2.83.
+    """
+    ordered = tuple(sorted(snapshots, key=lambda item: (item[1].seed, item[0])))
+    steps = sorted({step for step, _ in ordered})
+    by_seed: dict[int, dict[int, RunResult]] = {}
+    for step, result in ordered:
+        by_seed.setdefault(result.seed, {})[step] = result
+    complete = [runs for runs in by_seed.values() if len(runs) == len(steps)]
+    return SnapshotSummary(
+        name=name,
+        label=label,
+        runs=ordered,
+        avg={t: seed_stat([r.avg for step, r in ordered if step == t]) for t in steps},
+        avg_len={t: seed_stat([r.avg_len for step, r in ordered if step == t]) for t in steps},
+        mean_avg=seed_stat([statistics.fmean(r.avg for r in runs.values()) for runs in complete]),
+        mean_avg_len=seed_stat([statistics.fmean(r.avg_len for r in runs.values()) for runs in complete]),
+    )
+
+
+def snapshots_json(summaries: Sequence[SnapshotSummary]) -> dict[str, Any]:
+    """The ``snapshots`` entry of ``comparison.json``: steps, per-step and mean-over-snapshots statistics and
+    every evaluated snapshot (seed, step, path, Avg., AvgLen)."""
+
+    def stat(value: SeedStat) -> dict[str, Any]:
+        return {"mean": finite_or_none(value.mean), "std": finite_or_none(value.std), "n": value.n}
+
+    return {
+        "steps": sorted({t for s in summaries for t in s.steps}),
+        "methods": {
+            s.name: {
+                "label": s.label,
+                "steps": {str(t): {"avg": stat(s.avg[t]), "avg_len": stat(s.avg_len[t])} for t in s.steps},
+                "mean_over_snapshots": {"avg": stat(s.mean_avg), "avg_len": stat(s.mean_avg_len)},
+                "runs": [
+                    {"seed": r.seed, "step": t, "path": r.path, "avg": r.avg, "avg_len": r.avg_len}
+                    for t, r in s.runs
+                ],
+            }
+            for s in summaries
+        },
+    }
+
+
 def benchmarks_of(summaries: Sequence[MethodSummary]) -> list[str]:
     """The benchmarks of the comparison (those of the first method with results)."""
     return next((list(s.accuracy) for s in summaries if s.runs), [])

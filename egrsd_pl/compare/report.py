@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from egrsd_pl.compare.aggregate import MethodSummary, SeedStat, benchmarks_of, k_of, to_json
+from egrsd_pl.compare.aggregate import (
+    MethodSummary,
+    SeedStat,
+    SnapshotSummary,
+    benchmarks_of,
+    k_of,
+    snapshots_json,
+    to_json,
+)
 from egrsd_pl.compare.significance import (
     ALPHA,
     METRICS,
@@ -109,11 +117,42 @@ def difference_table(summaries: Sequence[MethodSummary], reference_name: str | N
     return "\n".join(lines)
 
 
+def snapshot_table(snapshots: Sequence[SnapshotSummary], metric: str = "avg") -> str:
+    """Table 4: ``metric`` (``avg``: Avg., ``avg_len``: AvgLen) of each saved checkpoint S1, S2, … (by step)
+    and its mean over snapshots, mean ± std over seeds; ``seeds`` counts the seeds with any snapshot and a
+    cell over fewer seeds says ``(n=k)``. Methods without snapshots (untrained) have no row."""
+    shown = [s for s in snapshots if s.runs]
+    steps = sorted({t for s in shown for t in s.steps})
+    digits, thousands = (1, True) if metric == "avg_len" else (2, False)
+    head = [f"S{i} (step {t})" for i, t in enumerate(steps, 1)]
+    lines = [
+        "| Method | seeds | " + " | ".join([*head, "mean over snapshots"]) + " |",
+        "|---|---:|" + "---:|" * (len(head) + 1),
+    ]
+    for s in shown:
+        seeds = len({r.seed for _, r in s.runs})
+        by_step = s.avg if metric == "avg" else s.avg_len
+        mean = s.mean_avg if metric == "avg" else s.mean_avg_len
+        values = [by_step.get(t, SeedStat(math.nan, math.nan, 0)) for t in steps] + [mean]
+        cells = [
+            format_stat(v, digits, thousands=thousands) + ("" if v.n in (0, seeds) else f" (n={v.n})")
+            for v in values
+        ]
+        lines.append(f"| {s.label} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparison_markdown(
-    summaries: Sequence[MethodSummary], *, command: str, pending: int, reference: str | None = None
+    summaries: Sequence[MethodSummary],
+    *,
+    command: str,
+    pending: int,
+    reference: str | None = None,
+    snapshots: Sequence[SnapshotSummary] | None = None,
 ) -> str:
     """``comparison.md``: how it was produced, the two tables, the differences against the untrained model
-    and, with ``reference``, against that method too."""
+    and, with ``reference``, against that method too; with ``snapshots``, Table 4 (Avg. and AvgLen of
+    every saved checkpoint and their mean over snapshots)."""
     k = k_of(summaries)
     parts = [
         "# Comparison",
@@ -125,7 +164,7 @@ def comparison_markdown(
         "per run. ● marks the Pareto frontier of the method means (higher Acc, lower AvgLen).",
     ]
     if pending:
-        parts += ["", f"**Partial:** {pending} run(s) have no results yet."]
+        parts += ["", f"**Partial:** {pending} run(s) are not finished (results still to compute)."]
     parts += [
         "",
         "## Accuracy (Table 2)",
@@ -144,6 +183,23 @@ def comparison_markdown(
     against = difference_table(summaries, reference) if reference is not None else ""
     if against:
         parts += [against, ""]
+    if snapshots is not None:
+        parts += [
+            "## Snapshots (Table 4)",
+            "",
+            "Every saved checkpoint S1, S2, … (by optimizer step) of each trained run, evaluated like the final "
+            "one; the mean over snapshots averages each run's snapshots first (runs with every snapshot "
+            "evaluated), then takes mean ± std over seeds.",
+            "",
+            "Avg. (%):",
+            "",
+            snapshot_table(snapshots, "avg"),
+            "",
+            "AvgLen (tokens):",
+            "",
+            snapshot_table(snapshots, "avg_len"),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -221,18 +277,22 @@ def write_comparison(
     command: str,
     pending: int,
     reference: str | None = None,
+    snapshots: Sequence[SnapshotSummary] | None = None,
     **header: Any,
 ) -> dict[str, Path]:
     """Writes ``comparison.md``, ``comparison.json`` and ``frontier.png`` (when a method has results).
 
     ``comparison.json`` is strict JSON: an undefined statistic (one seed, no test) is ``null``, never NaN;
-    ``differences`` holds the tests against the default reference and against ``reference``, by its name.
+    ``differences`` holds the tests against the default reference and against ``reference``, by its name;
+    ``snapshots`` (with ``snapshots``) the per-snapshot statistics.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json"}
     paths["markdown"].write_text(
-        comparison_markdown(summaries, command=command, pending=pending, reference=reference)
+        comparison_markdown(
+            summaries, command=command, pending=pending, reference=reference, snapshots=snapshots
+        )
     )
     data = to_json(summaries, command=command, pending_runs=pending, **header)
     references = [
@@ -240,6 +300,8 @@ def write_comparison(
         *([choose_reference(summaries, reference)] if reference else []),
     ]
     data["differences"] = {r.name: differences_json(summaries, r) for r in references if r is not None}
+    if snapshots is not None:
+        data["snapshots"] = snapshots_json(snapshots)
     paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     if any(s.runs for s in summaries):
         paths["plot"] = out / "frontier.png"
