@@ -503,3 +503,25 @@ def test_a_step_that_writes_no_results_fails_instead_of_looping(tmp_path: Path, 
     failures = execute(plan, runs, progress=False)
     assert [(r.name, log.name) for r, log in failures] == [("egrsd/seed_0", "validate.log")]
     assert [command[3] for command in fake.commands] == ["fit", "validate"]  # validate once, then stop
+
+
+def test_comparison_json_is_strict_with_undefined_values(tmp_path: Path):
+    # AvgLen 0 makes Eff undefined (NaN) for every run of `short`; a NaN Avg. (what json writes for a float
+    # NaN) makes `broken`'s Avg. and every difference on it undefined: all null in comparison.json, — in md.
+    runs: dict[str, list] = {}
+    for method, seed, avg, avg_len in [("short", 0, 10, 0), ("short", 1, 12, 0), ("broken", 0, math.nan, 5)]:
+        path = tmp_path / method / f"seed_{seed}" / "eval" / "last" / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(
+            json.dumps({"k": 1, "avg": avg, "avg_len": avg_len, "benchmarks": {"s": {"avg_at_k": avg}}})
+        )
+        runs.setdefault(method, []).append(read_result(path, method, seed))
+    summaries = summarize([("short", "short", True), ("broken", "broken", True)], runs)
+    paths = write_comparison(summaries, tmp_path / "out", command="egrsd compare …", pending=0)
+    data = json.loads(paths["json"].read_text(), parse_constant=reject_constant)
+    assert data["methods"]["short"]["eff"] == {"mean": None, "std": None, "n": 2}
+    assert data["methods"]["broken"]["runs"][0]["avg"] is None
+    assert data["methods"]["broken"]["runs"][0]["accuracy"] == {"s": None}
+    broken = data["differences"]["short"]["methods"]["broken"]
+    assert broken["avg"]["delta"] is None and broken["avg"]["p_value"] is None
+    assert "| broken | 1 vs 2 | — | — | — | — |" in paths["markdown"].read_text()

@@ -72,10 +72,13 @@ class SeedStat(NamedTuple):
 def seed_stat(values: Sequence[float]) -> SeedStat:
     """Mean ± sample std of ``values`` (one per seed).
 
-    Example: ``[60, 62, 64]`` → mean 62, std ``sqrt(((−2)² + 0² + 2²) / 2) = 2``.
+    Example: ``[60, 62, 64]`` → mean 62, std ``sqrt(((−2)² + 0² + 2²) / 2) = 2``. A NaN value makes both
+    NaN (``n`` still counts it).
     """
     if not values:
         return SeedStat(math.nan, math.nan, 0)
+    if any(math.isnan(v) for v in values):  # e.g. Eff of a run with AvgLen 0 (statistics.stdev fails on NaN)
+        return SeedStat(math.nan, math.nan, len(values))
     std = statistics.stdev(values) if len(values) > 1 else math.nan
     return SeedStat(statistics.fmean(values), std, len(values))
 
@@ -237,7 +240,8 @@ def snapshots_json(summaries: Sequence[SnapshotSummary]) -> dict[str, Any]:
                 "steps": {str(t): {"avg": stat(s.avg[t]), "avg_len": stat(s.avg_len[t])} for t in s.steps},
                 "mean_over_snapshots": {"avg": stat(s.mean_avg), "avg_len": stat(s.mean_avg_len)},
                 "runs": [
-                    {"seed": r.seed, "step": t, "path": r.path, "avg": r.avg, "avg_len": r.avg_len}
+                    {"seed": r.seed, "step": t, "path": r.path}
+                    | {"avg": finite_or_none(r.avg), "avg_len": finite_or_none(r.avg_len)}
                     for t, r in s.runs
                 ],
             }
@@ -277,7 +281,14 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
                 "eff": stat(s.eff),
                 "on_frontier": s.on_frontier,
                 "runs": [
-                    {**r._asdict(), "eff": finite_or_none(r.eff), "run_dir": str(Path(r.path).parents[2])}
+                    {
+                        **r._asdict(),
+                        "accuracy": {b: finite_or_none(v) for b, v in r.accuracy.items()},
+                        "avg": finite_or_none(r.avg),
+                        "avg_len": finite_or_none(r.avg_len),
+                        "eff": finite_or_none(r.eff),
+                        "run_dir": str(Path(r.path).parents[2]),
+                    }
                     for r in s.runs
                 ],
             }
