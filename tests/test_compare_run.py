@@ -98,3 +98,58 @@ def test_compare_two_methods_two_seeds_resumes(tiny_model_dir: Path, tmp_path: P
     assert "Restoring states from the checkpoint path" in second_fit  # continued from last.ckpt
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
     assert compare(*own, "--print-commands", *common).stdout == ""
+
+
+@pytest.mark.slow
+def test_compare_snapshots_end_to_end(tiny_model_dir: Path, tmp_path: Path):
+    """``--snapshots`` for real: 4 optimizer steps with a checkpoint every 2 -> step=2 and step=4 per trained
+    run; step=4 is ``last.ckpt``'s step, whose evaluation it reuses; a second invocation evaluates nothing."""
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("methods:\n  no_train: {label: no-train, fit: false}\n  egrsd: {label: EGRSD}\n")
+    output = tmp_path / "cmp"
+    own = ["--config", "configs/tiny.yaml", "--methods", str(methods), "--seeds", "0", "1"]
+    own += ["--output", str(output), "--snapshots", "--no-progress"]
+    common = ["--", "--model.model_name_or_path", str(tiny_model_dir), "--trainer.max_steps", "4"]
+    common += [
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--data.batch_size",
+        "2",
+        "--data.max_new_tokens",
+        "24",
+    ]
+    common += [
+        "--model.log_text_every_n_steps",
+        "0",
+        "--evaluation.benchmarks",
+        "[{name: synthetic, limit: 2}]",
+    ]
+    common += ["--evaluation.k", "1", "--evaluation.max_new_tokens", "24"]
+
+    first = compare(*own, *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for seed in (0, 1):
+        run = output / "runs" / "egrsd" / f"seed_{seed}"
+        checkpoints = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+        assert checkpoints == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+        assert attempts(run) == {"fit": 1, "snapshot": 1, "validate": 1}  # each checkpoint evaluated once
+        assert sorted(p.name for p in (run / "eval").iterdir() if p.is_dir()) == ["epoch=0-step=2", "last"]
+        assert json.loads((run / "eval" / "epoch=0-step=2" / "results.json").read_text())["step"] == 2
+        assert json.loads((run / "eval" / "last" / "results.json").read_text())["step"] == 4
+        assert attempts(output / "runs" / "no_train" / f"seed_{seed}") == {"validate": 1}
+    data = json.loads((output / "comparison.json").read_text())
+    snapshots = data["snapshots"]["methods"]["egrsd"]
+    assert data["snapshots"]["steps"] == [2, 4] and snapshots["steps"]["2"]["avg"]["n"] == 2
+    runs = {(r["seed"], r["step"]): r["avg"] for r in snapshots["runs"]}
+    assert snapshots["mean_over_snapshots"]["avg"]["mean"] == pytest.approx(
+        ((runs[0, 2] + runs[0, 4]) / 2 + (runs[1, 2] + runs[1, 4]) / 2) / 2
+    )
+    assert (
+        "| Method | seeds | S1 (step 2) | S2 (step 4) | mean over snapshots |"
+        in (output / "comparison.md").read_text()
+    )
+
+    second = compare(*own, *common)  # a second invocation evaluates nothing
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert attempts(output / "runs" / "egrsd" / "seed_1") == {"fit": 1, "snapshot": 1, "validate": 1}
+    assert attempts(output / "runs" / "no_train" / "seed_1") == {"validate": 1}

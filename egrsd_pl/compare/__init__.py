@@ -9,6 +9,11 @@ checkpoints, TensorBoard events and log files; :mod:`egrsd_pl.compare.runner`). 
 skipped, interrupted ones continue from ``last.ckpt``, so re-running the same command only resumes and
 re-aggregates. ``--print-commands`` prints the pending runs for a scheduler; ``--collect`` aggregates
 whatever results exist.
+
+Differences between methods (against the untrained model, and against ``--reference``) come with Welch's
+t-test over seeds, a 95 % confidence interval and Holm-adjusted p-values
+(:mod:`egrsd_pl.compare.significance`). ``--snapshots`` also evaluates every saved step checkpoint of each
+trained run and adds the paper's Table 4 (per snapshot S1, S2, … and the mean over snapshots).
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from egrsd_pl.compare.aggregate import RunResult, read_result, summarize
-from egrsd_pl.compare.methods import MethodsError, ParseCheck, check_methods, read_methods
-from egrsd_pl.compare.report import accuracy_table, difference_table, efficiency_table, write_comparison
-from egrsd_pl.compare.runner import Plan, execute
+from egrsd_pl.compare.aggregate import RunResult, SnapshotSummary, read_result, summarize, summarize_snapshots
+from egrsd_pl.compare.methods import Method, MethodsError, ParseCheck, check_methods, read_methods
+from egrsd_pl.compare.report import (
+    accuracy_table,
+    difference_table,
+    efficiency_table,
+    snapshot_table,
+    write_comparison,
+)
+from egrsd_pl.compare.runner import Plan, Run, execute
 
 __all__ = ["main"]
 
@@ -31,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egrsd compare",
         usage="egrsd compare --config BASE.yaml --methods METHODS.yaml [--seeds S ...] --output DIR "
-        "[--only METHOD ...] [--reference METHOD] [--print-commands | --collect] [--no-progress] "
+        "[--only METHOD ...] [--reference METHOD] [--snapshots] [--print-commands | --collect] [--no-progress] "
         "[-- FIT_OVERRIDES ...]",
         epilog="example: egrsd compare --config configs/tiny_vllm.yaml --methods configs/compare/paper.yaml "
         "--seeds 0 1 2 --output comparisons/tiny -- --config configs/compare/tiny.yaml",
@@ -55,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference",
         metavar="METHOD",
-        help="also compare every method against this one (e.g. rlsd: what the entropy gate adds); "
-        "the untrained model is always a reference",
+        help="also compare every method against this one (e.g. rlsd: what the entropy gate adds): Δ, its 95%% "
+        "CI and Welch's t-test p over seeds, Holm-adjusted across methods; the untrained model is always a "
+        "reference",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -65,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one shell line per pending run (cd && fit && validate) for a scheduler, run nothing",
     )
     mode.add_argument("--collect", action="store_true", help="run nothing; aggregate the results that exist")
+    parser.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also evaluate every saved step checkpoint of each trained run (every "
+        "--checkpoint.every_n_train_steps; the paper's Table 4, S1-S4) and report per-snapshot and "
+        "mean-over-snapshots tables; resumable like the runs",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -98,7 +117,7 @@ def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseChec
         methods = [m for m in methods if m.name in args.only]
     if args.reference is not None and args.reference not in {m.name for m in methods}:
         raise ValueError(f"--reference {args.reference}: not a compared method of {args.methods}")
-    plan = Plan(config=args.config, output=Path(args.output), common=common)
+    plan = Plan(config=args.config, output=Path(args.output), common=common, snapshots=args.snapshots)
     runs = plan.runs(methods, args.seeds)
     if not args.collect:
         check_methods(args.methods, methods, plan.base_args(), parse_error)  # before any run
@@ -115,24 +134,41 @@ def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseChec
             results.setdefault(run.method.name, []).append(
                 read_result(run.results_path, run.method.name, run.seed)
             )
-    pending = sum(not run.results_path.is_file() for run in runs)
+    pending = sum(run.status() != "done" for run in runs)
     summaries = summarize([(m.name, m.label, m.fit) for m in methods], results)
+    snapshots = collect_snapshots(methods, runs) if args.snapshots else None
     paths = write_comparison(
         summaries,
         args.output,
         command=command,
         pending=pending,
         reference=args.reference,
+        snapshots=snapshots,
         config=args.config,
         methods_file=args.methods,
         seeds=args.seeds,
         common_overrides=common,
     )
     against = difference_table(summaries, args.reference) if args.reference is not None else ""
-    print(accuracy_table(summaries), efficiency_table(summaries), *([against] if against else []), sep="\n\n")
+    tables = [accuracy_table(summaries), efficiency_table(summaries), *([against] if against else [])]
+    if snapshots is not None:
+        tables.append(snapshot_table(snapshots, "avg"))
+    print(*tables, sep="\n\n")
     print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     for run, log in failures:
         print(f"failed: {run.name} (see {log})", file=sys.stderr)
     if pending:
-        print(f"{pending} of {len(runs)} runs have no results yet", file=sys.stderr)
+        print(f"{pending} of {len(runs)} runs are not finished (results still to compute)", file=sys.stderr)
     return 1 if failures else 0
+
+
+def collect_snapshots(methods: Sequence[Method], runs: Sequence[Run]) -> list[SnapshotSummary]:
+    """The snapshot evaluations that exist, summarized per trained method (``--snapshots``)."""
+    found: dict[str, list[tuple[int, RunResult]]] = {}
+    for run in runs:
+        for step, path in run.snapshot_results():
+            if path.is_file():
+                found.setdefault(run.method.name, []).append(
+                    (step, read_result(path, run.method.name, run.seed))
+                )
+    return [summarize_snapshots(m.name, m.label, found.get(m.name, ())) for m in methods if m.fit]

@@ -72,10 +72,13 @@ class SeedStat(NamedTuple):
 def seed_stat(values: Sequence[float]) -> SeedStat:
     """Mean ± sample std of ``values`` (one per seed).
 
-    Example: ``[60, 62, 64]`` → mean 62, std ``sqrt(((−2)² + 0² + 2²) / 2) = 2``.
+    Example: ``[60, 62, 64]`` → mean 62, std ``sqrt(((−2)² + 0² + 2²) / 2) = 2``. A NaN value makes both
+    NaN (``n`` still counts it).
     """
     if not values:
         return SeedStat(math.nan, math.nan, 0)
+    if any(math.isnan(v) for v in values):  # e.g. Eff of a run with AvgLen 0 (statistics.stdev fails on NaN)
+        return SeedStat(math.nan, math.nan, len(values))
     std = statistics.stdev(values) if len(values) > 1 else math.nan
     return SeedStat(statistics.fmean(values), std, len(values))
 
@@ -171,33 +174,80 @@ def summarize(
     ]
 
 
-class Difference(NamedTuple):
-    """A method's mean minus the reference's mean, with the standard error of that difference.
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """A method's evaluations of every saved checkpoint (``--snapshots``; the paper's Table 4, S1–S4).
 
-    ``se = sqrt(s_a² / n_a + s_b² / n_b)`` from the sample stds over seeds (NaN when either side has fewer
-    than two seeds); ``separated`` when ``|delta| > 2 · se``, a rough two-sided check that the difference
-    exceeds the seed spread (with 3 seeds per side a t-test would ask for ~2.8 SE at 95 %).
+    Attributes:
+        name: The method's name.
+        label: Its label.
+        runs: ``(step, result)`` of every evaluated snapshot, by seed then step.
+        avg: ``Avg.`` over seeds at each step.
+        avg_len: ``AvgLen`` over seeds at each step.
+        mean_avg: Over seeds, each run's mean ``Avg.`` over its snapshots; only runs with a result at every
+            step of the method (a run with a snapshot still to evaluate would average other steps).
+        mean_avg_len: The same for ``AvgLen``.
     """
 
-    delta: float
-    se: float
+    name: str
+    label: str
+    runs: tuple[tuple[int, RunResult], ...]
+    avg: dict[int, SeedStat]
+    avg_len: dict[int, SeedStat]
+    mean_avg: SeedStat
+    mean_avg_len: SeedStat
 
     @property
-    def separated(self) -> bool:
-        return not math.isnan(self.se) and abs(self.delta) > 2.0 * self.se
+    def steps(self) -> list[int]:
+        return sorted(self.avg)
 
 
-def difference(value: SeedStat, reference: SeedStat) -> Difference:
-    """``value − reference`` of two seed statistics and its standard error (see :class:`Difference`).
+def summarize_snapshots(name: str, label: str, snapshots: Sequence[tuple[int, RunResult]]) -> SnapshotSummary:
+    """Seed statistics of one method's snapshot evaluations, per step and averaged over steps.
 
-    Example: 67 ± 2 (n 3) against 62 ± 2.828 (n 2): delta 5, se = sqrt(4/3 + 8/2) = 2.309; 5 > 4.62.
+    Example: seed 0 at steps 2, 4 with Avg. 40, 50 and seed 1 with 44, 54: step 2 is 42 ± 2.83, step 4
+    52 ± 2.83; the runs' means over snapshots are 45 and 49, so the mean over snapshots is 47 ± 2.83.
     """
-    se = (
-        math.sqrt(value.std**2 / value.n + reference.std**2 / reference.n)
-        if min(value.n, reference.n) > 1
-        else math.nan
+    ordered = tuple(sorted(snapshots, key=lambda item: (item[1].seed, item[0])))
+    steps = sorted({step for step, _ in ordered})
+    by_seed: dict[int, dict[int, RunResult]] = {}
+    for step, result in ordered:
+        by_seed.setdefault(result.seed, {})[step] = result
+    complete = [runs for runs in by_seed.values() if len(runs) == len(steps)]
+    return SnapshotSummary(
+        name=name,
+        label=label,
+        runs=ordered,
+        avg={t: seed_stat([r.avg for step, r in ordered if step == t]) for t in steps},
+        avg_len={t: seed_stat([r.avg_len for step, r in ordered if step == t]) for t in steps},
+        mean_avg=seed_stat([statistics.fmean(r.avg for r in runs.values()) for runs in complete]),
+        mean_avg_len=seed_stat([statistics.fmean(r.avg_len for r in runs.values()) for runs in complete]),
     )
-    return Difference(value.mean - reference.mean, se)
+
+
+def snapshots_json(summaries: Sequence[SnapshotSummary]) -> dict[str, Any]:
+    """The ``snapshots`` entry of ``comparison.json``: steps, per-step and mean-over-snapshots statistics and
+    every evaluated snapshot (seed, step, path, Avg., AvgLen)."""
+
+    def stat(value: SeedStat) -> dict[str, Any]:
+        return {"mean": finite_or_none(value.mean), "std": finite_or_none(value.std), "n": value.n}
+
+    return {
+        "steps": sorted({t for s in summaries for t in s.steps}),
+        "methods": {
+            s.name: {
+                "label": s.label,
+                "steps": {str(t): {"avg": stat(s.avg[t]), "avg_len": stat(s.avg_len[t])} for t in s.steps},
+                "mean_over_snapshots": {"avg": stat(s.mean_avg), "avg_len": stat(s.mean_avg_len)},
+                "runs": [
+                    {"seed": r.seed, "step": t, "path": r.path}
+                    | {"avg": finite_or_none(r.avg), "avg_len": finite_or_none(r.avg_len)}
+                    for t, r in s.runs
+                ],
+            }
+            for s in summaries
+        },
+    }
 
 
 def benchmarks_of(summaries: Sequence[MethodSummary]) -> list[str]:
@@ -214,7 +264,7 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
     """``comparison.json``: ``header`` and, per method, every statistic and every run (seed, path, values)."""
 
     def stat(value: SeedStat) -> dict[str, Any]:
-        return {"mean": _finite(value.mean), "std": _finite(value.std), "n": value.n}
+        return {"mean": finite_or_none(value.mean), "std": finite_or_none(value.std), "n": value.n}
 
     return {
         **header,
@@ -231,7 +281,14 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
                 "eff": stat(s.eff),
                 "on_frontier": s.on_frontier,
                 "runs": [
-                    {**r._asdict(), "eff": _finite(r.eff), "run_dir": str(Path(r.path).parents[2])}
+                    {
+                        **r._asdict(),
+                        "accuracy": {b: finite_or_none(v) for b, v in r.accuracy.items()},
+                        "avg": finite_or_none(r.avg),
+                        "avg_len": finite_or_none(r.avg_len),
+                        "eff": finite_or_none(r.eff),
+                        "run_dir": str(Path(r.path).parents[2]),
+                    }
                     for r in s.runs
                 ],
             }
@@ -240,5 +297,6 @@ def to_json(summaries: Sequence[MethodSummary], **header: Any) -> dict[str, Any]
     }
 
 
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
+def finite_or_none(value: float) -> float | None:
+    """``value``, or ``None`` for NaN and ±inf (strict JSON has neither)."""
+    return value if math.isfinite(value) else None

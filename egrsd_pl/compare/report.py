@@ -11,13 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from egrsd_pl.compare.aggregate import (
-    Difference,
     MethodSummary,
     SeedStat,
+    SnapshotSummary,
     benchmarks_of,
-    difference,
     k_of,
+    snapshots_json,
     to_json,
+)
+from egrsd_pl.compare.significance import (
+    ALPHA,
+    METRICS,
+    Tested,
+    against_reference,
+    choose_reference,
+    differences_json,
 )
 
 
@@ -59,52 +67,92 @@ def efficiency_table(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def format_difference(value: Difference, digits: int = 2) -> str:
-    """``+Δ ± se`` and ``*`` when the difference exceeds two standard errors."""
-    if math.isnan(value.delta):
+def format_p(p_value: float) -> str:
+    """A p-value in a cell: ``—`` when undefined, ``<0.001`` below that, else three decimals."""
+    if math.isnan(p_value):
         return "—"
-    text = f"{value.delta:+.{digits}f}" + ("" if math.isnan(value.se) else f" ± {value.se:.{digits}f}")
-    return text + (" *" if value.separated else "")
+    return "0" if p_value == 0 else "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
+def difference_cells(tested: Tested, digits: int = 2) -> list[str]:
+    """``Δ``, ``[low, high]`` (``exact`` with no spread on either side, ``—`` without a test), ``p`` and the
+    Holm-adjusted ``p`` followed by ``*`` when that is below 0.05."""
+    d = tested.difference
+    if math.isnan(d.delta):
+        return ["—"] * 4
+    interval = (
+        "exact" if d.exact else "—" if math.isnan(d.low) else f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
+    )
+    holm = format_p(tested.p_holm) + (" *" if tested.significant else "")
+    return [f"{d.delta:+.{digits}f}", interval, format_p(d.p_value), holm]
 
 
 def difference_table(summaries: Sequence[MethodSummary], reference_name: str | None = None) -> str:
-    """Each method against a reference: the method named ``reference_name`` (``--reference``, e.g. RLSD for
-    the gate's own effect), else the first untrained method, else the first with results. Δ Acc, Δ AvgLen and
-    Δ Eff with their standard errors; ``*`` marks |Δ| > 2 SE. Empty when the reference has no results."""
-    finished = [s for s in summaries if s.runs]
-    if not finished:
+    """Each method against a reference (:func:`choose_reference`: ``--reference``, e.g. RLSD for the gate's
+    own effect, else the untrained model): one table per metric (Acc, AvgLen, Eff) with Δ, its 95 %
+    confidence interval, Welch's p and the Holm-adjusted p over the table's methods, ``*`` where that is
+    below 0.05, and the seeds of both sides. Empty when the reference has no results."""
+    reference = choose_reference(summaries, reference_name)
+    if reference is None:
         return ""
-    if reference_name is not None:
-        named = [s for s in finished if s.name == reference_name]
-        if not named:
-            return ""
-        reference = named[0]
-    else:
-        reference = next((s for s in finished if not s.trained), finished[0])
+    rows = against_reference(summaries, reference)
+    name = reference.label
     lines = [
-        f"Against {reference.label} (Δ = method − {reference.label}, ± its standard error over seeds; "
-        "* where |Δ| > 2 SE):",
-        "",
-        "| Method | Δ Acc | Δ AvgLen | Δ Eff |",
-        "|---|---:|---:|---:|",
+        f"Against {name} (Δ = method − {name} over seeds; 95 % CI from Welch's t with Welch–Satterthwaite "
+        f"degrees of freedom; p of Welch's two-sided t-test, Holm-adjusted across the methods of each table; "
+        f"* where the adjusted p < {ALPHA}; seeds: method vs {name}). Fewer than 2 seeds on a side: no test "
+        f"(—); no spread on either side: the difference is exact (p 0, or 1 when Δ = 0).",
     ]
-    for s in finished:
-        if s is reference:
-            continue
-        cells = [
-            format_difference(difference(s.avg, reference.avg)),
-            format_difference(difference(s.avg_len, reference.avg_len), 1),
-            format_difference(difference(s.eff, reference.eff)),
+    for metric, column in METRICS.items():
+        digits = 1 if metric == "avg_len" else 2
+        lines += [
+            "",
+            f"| Method | seeds | Δ {column} | 95 % CI | p | p (Holm) |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
+        for s, tests in rows:
+            t = tests[metric]
+            seeds = f"{t.difference.n} vs {t.difference.n_reference}"
+            lines.append(f"| {s.label} | {seeds} | " + " | ".join(difference_cells(t, digits)) + " |")
+    return "\n".join(lines)
+
+
+def snapshot_table(snapshots: Sequence[SnapshotSummary], metric: str = "avg") -> str:
+    """Table 4: ``metric`` (``avg``: Avg., ``avg_len``: AvgLen) of each saved checkpoint S1, S2, … (by step)
+    and its mean over snapshots, mean ± std over seeds; ``seeds`` counts the seeds with any snapshot and a
+    cell over fewer seeds says ``(n=k)``. Methods without snapshots (untrained) have no row."""
+    shown = [s for s in snapshots if s.runs]
+    steps = sorted({t for s in shown for t in s.steps})
+    digits, thousands = (1, True) if metric == "avg_len" else (2, False)
+    head = [f"S{i} (step {t})" for i, t in enumerate(steps, 1)]
+    lines = [
+        "| Method | seeds | " + " | ".join([*head, "mean over snapshots"]) + " |",
+        "|---|---:|" + "---:|" * (len(head) + 1),
+    ]
+    for s in shown:
+        seeds = len({r.seed for _, r in s.runs})
+        by_step = s.avg if metric == "avg" else s.avg_len
+        mean = s.mean_avg if metric == "avg" else s.mean_avg_len
+        values = [by_step.get(t, SeedStat(math.nan, math.nan, 0)) for t in steps] + [mean]
+        cells = [
+            format_stat(v, digits, thousands=thousands) + ("" if v.n in (0, seeds) else f" (n={v.n})")
+            for v in values
+        ]
+        lines.append(f"| {s.label} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def comparison_markdown(
-    summaries: Sequence[MethodSummary], *, command: str, pending: int, reference: str | None = None
+    summaries: Sequence[MethodSummary],
+    *,
+    command: str,
+    pending: int,
+    reference: str | None = None,
+    snapshots: Sequence[SnapshotSummary] | None = None,
 ) -> str:
     """``comparison.md``: how it was produced, the two tables, the differences against the untrained model
-    and, with ``reference``, against that method too."""
+    and, with ``reference``, against that method too; with ``snapshots``, Table 4 (Avg. and AvgLen of
+    every saved checkpoint and their mean over snapshots)."""
     k = k_of(summaries)
     parts = [
         "# Comparison",
@@ -116,7 +164,7 @@ def comparison_markdown(
         "per run. ● marks the Pareto frontier of the method means (higher Acc, lower AvgLen).",
     ]
     if pending:
-        parts += ["", f"**Partial:** {pending} run(s) have no results yet."]
+        parts += ["", f"**Partial:** {pending} run(s) are not finished (results still to compute)."]
     parts += [
         "",
         "## Accuracy (Table 2)",
@@ -127,7 +175,7 @@ def comparison_markdown(
         "",
         efficiency_table(summaries),
         "",
-        "## Differences beyond the seed spread",
+        "## Differences between methods",
         "",
         difference_table(summaries),
         "",
@@ -135,6 +183,23 @@ def comparison_markdown(
     against = difference_table(summaries, reference) if reference is not None else ""
     if against:
         parts += [against, ""]
+    if snapshots is not None:
+        parts += [
+            "## Snapshots (Table 4)",
+            "",
+            "Every saved checkpoint S1, S2, … (by optimizer step) of each trained run, evaluated like the final "
+            "one; the mean over snapshots averages each run's snapshots first (runs with every snapshot "
+            "evaluated), then takes mean ± std over seeds.",
+            "",
+            "Avg. (%):",
+            "",
+            snapshot_table(snapshots, "avg"),
+            "",
+            "AvgLen (tokens):",
+            "",
+            snapshot_table(snapshots, "avg_len"),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -212,17 +277,32 @@ def write_comparison(
     command: str,
     pending: int,
     reference: str | None = None,
+    snapshots: Sequence[SnapshotSummary] | None = None,
     **header: Any,
 ) -> dict[str, Path]:
-    """Writes ``comparison.md``, ``comparison.json`` and ``frontier.png`` (when a method has results)."""
+    """Writes ``comparison.md``, ``comparison.json`` and ``frontier.png`` (when a method has results).
+
+    ``comparison.json`` is strict JSON: an undefined statistic (one seed, no test) is ``null``, never NaN;
+    ``differences`` holds the tests against the default reference and against ``reference``, by its name;
+    ``snapshots`` (with ``snapshots``) the per-snapshot statistics.
+    """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json"}
     paths["markdown"].write_text(
-        comparison_markdown(summaries, command=command, pending=pending, reference=reference)
+        comparison_markdown(
+            summaries, command=command, pending=pending, reference=reference, snapshots=snapshots
+        )
     )
     data = to_json(summaries, command=command, pending_runs=pending, **header)
-    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    references = [
+        choose_reference(summaries),
+        *([choose_reference(summaries, reference)] if reference else []),
+    ]
+    data["differences"] = {r.name: differences_json(summaries, r) for r in references if r is not None}
+    if snapshots is not None:
+        data["snapshots"] = snapshots_json(snapshots)
+    paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     if any(s.runs for s in summaries):
         paths["plot"] = out / "frontier.png"
         frontier_figure(summaries).savefig(paths["plot"])

@@ -9,16 +9,27 @@ Layout under the output folder ``DIR``::
         fit.log, validate.log            each subprocess's output (appended across attempts)
         validate/                        the evaluation's events and config
         eval/last/results.json           the evaluation of the final checkpoint (``eval/base`` untrained)
+        eval/epoch=E-step=S/results.json with ``--snapshots``: the evaluation of each saved checkpoint
+        snapshot.log                     the output of those evaluations
 
-A run is *done* when its ``results.json`` exists; a run with ``fit.done`` only needs its evaluation; any
-other run (re)starts ``fit`` with ``--ckpt_path last``, which continues from ``checkpoints/last.ckpt``
-when a previous attempt left one and starts afresh otherwise. A run whose ``settings.json`` differs from
-the current command (another base config, other overrides) is never resumed or reused: the command stops.
+A run is *done* when its ``results.json`` exists (with ``--snapshots``: and every snapshot's); a run with
+``fit.done`` only needs its evaluation; any other run (re)starts ``fit`` with ``--ckpt_path last``, which
+continues from ``checkpoints/last.ckpt`` when a previous attempt left one and starts afresh otherwise. A run
+whose ``settings.json`` differs from the current command (another base config, other overrides) is never
+resumed or reused: the command stops.
+
+Snapshots (``--snapshots``, the paper's Table 4, S1–S4) are the step checkpoints that
+:class:`egrsd_pl.callbacks.checkpoint.AdapterCheckpoint` writes every ``--checkpoint.every_n_train_steps``
+and at the final step (``epoch=E-step=S.ckpt``; ``last.ckpt`` is not one). Each is evaluated once with
+``validate --ckpt_path`` into ``eval/<its name>/``; the snapshot at the step of ``last.ckpt`` (the
+callback writes both files at that step, so they hold the same weights) reuses ``eval/last`` instead of
+being evaluated twice.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shlex
 import subprocess
@@ -37,13 +48,25 @@ FIT_DEFAULTS = ["--evaluation.every_n_steps", "0", "--evaluation.at_end", "false
 (the common overrides after ``--`` may turn periodic evaluation back on)."""
 
 
+SNAPSHOT_NAME = re.compile(r"(?:^|-)step=(\d+)(?:-|$)")
+"""A step checkpoint's name (stem), e.g. ``epoch=0-step=25``; group 1 is the optimizer step."""
+
+
 @dataclass(frozen=True)
 class Run:
-    """One (method, seed) of a comparison and where its files live."""
+    """One (method, seed) of a comparison and where its files live.
+
+    Attributes:
+        method: The method.
+        seed: Its seed.
+        directory: ``DIR/runs/<method>/seed_<s>``.
+        snapshots: Also evaluate every step checkpoint (``--snapshots``).
+    """
 
     method: Method
     seed: int
     directory: Path
+    snapshots: bool = False
 
     @property
     def name(self) -> str:
@@ -67,11 +90,41 @@ class Run:
     def last_checkpoint(self) -> Path:
         return self.directory / "checkpoints" / "last.ckpt"
 
+    def snapshot_checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, checkpoint)`` of every step checkpoint of the run, by step (none without training)."""
+        folder = self.directory / "checkpoints"
+        found = [(SNAPSHOT_NAME.search(p.stem), p) for p in folder.glob("*.ckpt")] if self.method.fit else []
+        return sorted((int(match.group(1)), path) for match, path in found if match is not None)
+
+    def snapshot_results(self) -> list[tuple[int, Path]]:
+        """``(step, results.json)`` of every snapshot, evaluated or not: ``eval/<checkpoint name>`` or, at the
+        step of the evaluated ``last.ckpt``, ``eval/last`` (the same weights)."""
+        last_step = (
+            json.loads(self.results_path.read_text()).get("step") if self.results_path.is_file() else None
+        )
+        return [
+            (
+                step,
+                self.results_path
+                if step == last_step
+                else self.directory / "eval" / path.stem / "results.json",
+            )
+            for step, path in self.snapshot_checkpoints()
+        ]
+
+    def pending_snapshots(self) -> list[Path]:
+        """The step checkpoints still to evaluate (after ``last.ckpt``'s evaluation, which one of them reuses)."""
+        if not self.snapshots or not self.results_path.is_file():
+            return []
+        results = dict(self.snapshot_results())
+        return [path for step, path in self.snapshot_checkpoints() if not results[step].is_file()]
+
     def status(self) -> str:
-        """``done`` (results exist), ``evaluate`` (trained or untrained, not evaluated), ``resume``
-        (``last.ckpt`` of an interrupted fit) or ``new``."""
+        """``done`` (results exist, with ``snapshots`` every snapshot's too), ``snapshots`` (the final
+        checkpoint is evaluated, some snapshot is not), ``evaluate`` (trained or untrained, not evaluated),
+        ``resume`` (``last.ckpt`` of an interrupted fit) or ``new``."""
         if self.results_path.is_file():
-            return "done"
+            return "snapshots" if self.pending_snapshots() else "done"
         if not self.method.fit or self.fit_done_path.is_file():
             return "evaluate"
         return "resume" if self.last_checkpoint.is_file() else "new"
@@ -87,16 +140,22 @@ class Plan:
         common: Arguments after ``--`` on the ``egrsd compare`` line: they follow the base config in
             every ``fit`` and ``validate`` (a method's own overrides come after them and win).
         python: The interpreter of the subprocesses.
+        snapshots: Also evaluate every step checkpoint of each trained run (``--snapshots``).
     """
 
     config: str
     output: Path
     common: list[str] = field(default_factory=list)
     python: str = sys.executable
+    snapshots: bool = False
 
     def runs(self, methods: Sequence[Method], seeds: Sequence[int]) -> list[Run]:
         """Every (method, seed), seed-major: a comparison stopped part-way has every method's first seeds."""
-        return [Run(m, s, self.output / "runs" / m.name / f"seed_{s}") for s in seeds for m in methods]
+        return [
+            Run(m, s, self.output / "runs" / m.name / f"seed_{s}", snapshots=self.snapshots)
+            for s in seeds
+            for m in methods
+        ]
 
     def _location(self, run: Run, *, sub_dir: str | None = None) -> list[str]:
         logger = [
@@ -125,10 +184,11 @@ class Plan:
             "--ckpt_path", "last",
         ]  # fmt: skip
 
-    def validate_command(self, run: Run) -> list[str]:
-        """``python -m egrsd_pl.cli validate`` of the run's ``last.ckpt`` (the base model when ``fit`` is off),
-        writing ``results.json`` under ``<run>/eval``."""
-        checkpoint = ["--ckpt_path", str(run.last_checkpoint)] if run.method.fit else []
+    def validate_command(self, run: Run, checkpoint_path: Path | None = None) -> list[str]:
+        """``python -m egrsd_pl.cli validate`` of ``checkpoint_path`` (default: the run's ``last.ckpt``; the
+        base model when ``fit`` is off), writing ``results.json`` under ``<run>/eval/<checkpoint name>``."""
+        path = checkpoint_path if checkpoint_path is not None else run.last_checkpoint
+        checkpoint = ["--ckpt_path", str(path)] if run.method.fit else []
         return [
             self.python, "-m", "egrsd_pl.cli", "validate",
             *self.base_args(), *run.method.args(),
@@ -138,10 +198,14 @@ class Plan:
         ]  # fmt: skip
 
     def pending_commands(self, run: Run) -> list[tuple[str, list[str]]]:
-        """The ``(kind, command)`` steps a run still needs, ``kind`` in ``fit``/``validate``."""
+        """The ``(kind, command)`` steps a run still needs as far as known now, ``kind`` in ``fit``,
+        ``validate`` and ``snapshot`` (one per step checkpoint; known once ``fit`` and ``validate`` are done,
+        since ``fit`` writes the checkpoints and ``validate`` tells which one ``eval/last`` covers)."""
         status = run.status()
         if status == "done":
             return []
+        if status == "snapshots":
+            return [("snapshot", self.validate_command(run, path)) for path in run.pending_snapshots()]
         steps = [] if status == "evaluate" else [("fit", self.fit_command(run))]
         return [*steps, ("validate", self.validate_command(run))]
 
@@ -169,7 +233,8 @@ class Plan:
                 )
 
     def shell_line(self, run: Run, cwd: Path) -> str:
-        """One line for a scheduler: ``cd CWD && <fit> && <validate>`` (only the pending steps)."""
+        """One line for a scheduler: ``cd CWD && <fit> && <validate>`` (only the pending steps; with
+        ``--snapshots``, a run's snapshot evaluations are listed once its fit and validate are done)."""
         commands = [shlex.join(command) for _, command in self.pending_commands(run)]
         return " && ".join([f"cd {shlex.quote(str(cwd))}", *commands])
 
@@ -178,7 +243,10 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
     """Runs every pending step of ``runs`` one after the other, each subprocess's output in
     ``<run>/<kind>.log``; a progress bar over runs shows the ETA.
 
-    A failed step stops its run (the others go on); a clean ``fit`` writes ``fit.done``.
+    The steps of a run are asked for again after each one (:meth:`Plan.pending_commands`): the snapshots
+    to evaluate are known only once ``fit`` and ``validate`` are done. A failed step stops its run (the
+    others go on), as does a step that exits cleanly without writing what it should (it would rerun
+    forever); a clean ``fit`` writes ``fit.done``.
 
     Returns:
         ``(run, log)`` of each failed run.
@@ -190,9 +258,17 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
         for run in pending:
             run.directory.mkdir(parents=True, exist_ok=True)
             run.settings_path.write_text(json.dumps(plan.settings(run), indent=2) + "\n")
-            for kind, command in plan.pending_commands(run):
-                bar.set_postfix_str(f"{run.name} {kind}")
+            previous: list[str] | None = None
+            while steps := plan.pending_commands(run):
+                kind, command = steps[0]
                 log = run.directory / f"{kind}.log"
+                if command == previous:
+                    failures.append((run, log))
+                    tqdm.write(
+                        f"{run.name}: {kind} exited cleanly but wrote no results, see {log}", file=sys.stderr
+                    )
+                    break
+                bar.set_postfix_str(f"{run.name} {kind}")
                 tqdm.write(f"{run.name}: {kind} -> {log}", file=sys.stderr)
                 if run_logged(command, log) != 0:
                     failures.append((run, log))
@@ -200,6 +276,7 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
                     break
                 if kind == "fit":
                     run.fit_done_path.write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+                previous = command
             bar.update(1)
     finally:
         bar.close()
