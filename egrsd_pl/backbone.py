@@ -9,6 +9,7 @@ entropies and losses, so :func:`check_plain_head` refuses it before training, na
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,12 @@ class UnsupportedHeadError(ValueError):
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder, ``testbed:...`` (built on first use) or a hub id; anything else is an error."""
+    """The local folder of ``--model.model_name_or_path`` ``name``: a folder as it is, ``testbed:...``
+    (built on first use) or a hub id's snapshot folder (:func:`hub_snapshot`); anything else is an error.
+
+    Every consumer of the base weights (the student, vLLM, evaluation, the checkpoint's record) reads
+    this one folder, so a hub id is resolved, and downloaded if needed, once per process.
+    """
     if name.startswith("testbed:"):
         from egrsd_pl.testbed import resolve_model_path as resolve_testbed
 
@@ -46,11 +52,30 @@ def resolve_model_path(name: str) -> str:
             raise ModelPathError(f"--model.model_name_or_path {name!r}: folder has no config.json")
         return str(path)
     if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return name
+        return hub_snapshot(name)
     raise ModelPathError(
         f"--model.model_name_or_path {name!r}: no such folder, and not a hub id like 'Qwen/Qwen3-4B' "
         "or 'testbed:tiny'"
     )
+
+
+def hub_snapshot(name: str) -> str:
+    """The local snapshot folder of hub id ``name`` in the user's Hugging Face cache, downloaded if missing.
+
+    Uses ``huggingface_hub.snapshot_download`` with the cache it is configured with (``HF_HOME`` /
+    ``HF_HUB_CACHE``). With ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) only the cache is read.
+    A hub, network or cache failure becomes one :class:`ModelPathError` line (:func:`model_load_error`).
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE or any(
+        os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE")
+        for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    try:
+        return str(snapshot_download(name, local_files_only=offline))
+    except OSError as error:  # offline and not cached, unknown or gated repository, no network
+        raise ModelPathError(model_load_error(name, name, error)) from error
 
 
 def load_backbone(
@@ -85,7 +110,16 @@ def model_load_error(name: str, path: str, error: OSError) -> str:
     """
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__
-    offline = "couldn't connect" in text.lower() or "offline mode" in text.lower()
+    lowered = text.lower()
+    offline = any(
+        phrase in lowered
+        for phrase in (
+            "couldn't connect",
+            "offline mode",
+            "outgoing traffic has been disabled",  # huggingface_hub: HF_HUB_OFFLINE and not cached
+            "check your internet connection",  # huggingface_hub: no network and not cached
+        )
+    )
     if Path(path).exists() or not offline:
         return f"--model.model_name_or_path {name!r}: {first_line}"
     return (

@@ -200,6 +200,8 @@ class EGRSDModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only the adapters (student and, if any, teacher) change; the base is reloaded from its path.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        # The folder the base was read from (a hub id's snapshot folder names the exact revision).
+        checkpoint["base_model_path"] = self.model_path
 
     # ------------------------------------------------------------ algorithm
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:

@@ -338,3 +338,28 @@ def test_chunked_equals_naive_on_cuda():
     torch.testing.assert_close(
         entropy, naive_token_stats(hidden.detach(), weight, targets)[1], atol=1e-5, rtol=0
     )
+
+
+def test_sums_stay_float32_under_bf16_autocast():
+    # Lightning's bf16-mixed runs the loss under torch.autocast; autocast would run the entropy's and the
+    # KL's einsum over the vocabulary in bfloat16 (about 3 significant digits). Inputs float32, V = 4096:
+    # the results must equal the naive float32 computation outside autocast at float32 tolerance.
+    hidden, teacher_hidden, weight, targets, upstream = random_case(seed=8, vocab=4096)
+    hidden.requires_grad_()
+    kwargs = dict(chunk_size=5, vocab_chunk_size=1000)
+    reference_logp, reference_entropy = naive_token_stats(hidden.detach(), weight, targets)
+    reference_kl = {d: naive_kl(hidden.detach(), teacher_hidden, weight, d) for d in ("forward", "reverse")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.einsum("cv,cv->c", weight, weight).dtype == torch.bfloat16  # what autocast would do
+        logp, entropy = teacher_token_stats(hidden, weight, targets, **kwargs)
+        kls = {d: token_kl(hidden, teacher_hidden, weight, direction=d, **kwargs) for d in reference_kl}
+        student_logp = student_token_logprobs(hidden, weight, targets, **kwargs)
+    (student_logp * upstream).sum().backward()
+    torch.testing.assert_close(entropy, reference_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logp, reference_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student_logp.detach(), reference_logp, atol=1e-5, rtol=1e-5)
+    for direction, kl in kls.items():
+        torch.testing.assert_close(kl, reference_kl[direction], atol=1e-5, rtol=1e-5)
+    plain = hidden.detach().clone().requires_grad_()
+    (student_token_logprobs(plain, weight, targets, **kwargs) * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad, plain.grad, atol=1e-6, rtol=1e-5)

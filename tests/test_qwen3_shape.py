@@ -128,3 +128,44 @@ def test_testbed_name_resolves_and_rejects_unknown_options(tmp_path: Path, monke
     with pytest.raises(ValueError, match="hidden_width"):
         resolve_qwen3_shape("hidden_width=64")
     assert qwen3_shape_tokenizer().chat_template == AutoTokenizer.from_pretrained(folder).chat_template
+
+
+@pytest.mark.parametrize(
+    ("like", "parameters"),
+    # Qwen3-4B: embedding 151,936 x 2,560 (tied) + 36 layers x 100,930,816 + final norm 2,560 = 4,022,468,096;
+    # Qwen3-8B: 2 x 151,936 x 4,096 (untied head) + 36 x 192,946,432 + 4,096 = 8,190,735,360 (the model cards' 4.0B / 8.2B).
+    [("qwen3-4b", 4_022_468_096), ("qwen3-8b", 8_190_735_360)],
+)
+def test_like_a_real_model_has_its_exact_shape(like: str, parameters: int):
+    from transformers import Qwen3ForCausalLM
+
+    from egrsd_pl.testbed.qwen3_shape import qwen3_shape_config, qwen3_shape_options
+
+    options = qwen3_shape_options(f"like={like}")
+    assert options.pop("seed") == 0
+    config = qwen3_shape_config(**options)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 128)
+
+
+def test_single_options_override_like_and_defaults_keep_their_cache_folder(tmp_path: Path):
+    from egrsd_pl.testbed.qwen3_shape import cached_qwen3_shape_dir, qwen3_shape_options
+
+    options = qwen3_shape_options("like=qwen3-8b&num_layers=2&seed=3")
+    assert options == dict(
+        seed=3,
+        hidden_size=4096,
+        num_layers=2,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=12288,
+        tie_embeddings=False,
+    )
+    assert cached_qwen3_shape_dir(tmp_path, **options).name == "qwen3-shape-v1-h4096-l2-a32-kv8-untied-seed3"
+    assert cached_qwen3_shape_dir(tmp_path, **qwen3_shape_options("")).name == "qwen3-shape-v1-h128-l2-seed0"
+    with pytest.raises(ValueError, match="like='qwen3-14b'"):
+        qwen3_shape_options("like=qwen3-14b")
+    with pytest.raises(ValueError, match="must divide"):
+        cached_qwen3_shape_dir(tmp_path, **qwen3_shape_options("num_heads=4&num_kv_heads=3"))

@@ -31,6 +31,15 @@ from torch.autograd.function import once_differentiable
 from egrsd_pl.losses._checks import check_bool_mask, check_chunk_size, check_ndim, check_shape
 
 
+def _without_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off for the vocabulary math, so that its float32 sums stay float32 under bf16-mixed.
+
+    Autocast runs ``einsum``/``matmul`` in bfloat16 even on float32 operands (on CPU too); inside, the
+    projection runs in the inputs' dtype and every reduction in float32, as written.
+    """
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _chunks(size: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, size, chunk_size):
         yield slice(start, min(start + chunk_size, size))
@@ -274,6 +283,12 @@ class _ChunkedReduction(torch.autograd.Function):
             (jacobian,) = ctx.saved_tensors
             return (grad_values[:, None] * jacobian).to(jacobian.dtype), None, None, None, None, None
         hidden, weight, constant, saved = ctx.saved_tensors
+        with _without_autocast(hidden.device):
+            return _ChunkedReduction.weight_backward(ctx, grad_values, hidden, weight, constant, saved)
+
+    @staticmethod
+    def weight_backward(ctx, grad_values, hidden, weight, constant, saved):
+        """Gradients when the weight is trained: logits re-projected block by block."""
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [N, D]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, D]
         for chunk in _chunks(hidden.shape[0], ctx.chunk_size):
@@ -292,8 +307,9 @@ class _ChunkedReduction(torch.autograd.Function):
 def _reduce(hidden, weight, constant, reduction: _Reduction, chunk_size: int, vocab_chunk_size: int):
     """Values ``[N]`` of ``reduction`` at every flat position, differentiable when grad mode needs it."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedReduction.apply(hidden, weight, constant, reduction, chunk_size, vocab_chunk_size)
-    with torch.no_grad():
+        with _without_autocast(hidden.device):
+            return _ChunkedReduction.apply(hidden, weight, constant, reduction, chunk_size, vocab_chunk_size)
+    with torch.no_grad(), _without_autocast(hidden.device):
         values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
         for chunk in _chunks(hidden.shape[0], chunk_size):
             values[chunk] = reduction.chunk(
@@ -344,7 +360,7 @@ def teacher_token_stats(
     """Teacher log-prob of each sampled token and teacher entropy, without gradient (SPEC steps 5, 9).
 
     ``log p_T(y_t) = log_softmax(h_t W^T)[y_t]`` and ``H_t = -Σ_v p_T(v) log p_T(v)`` over the full
-    vocabulary, reduced in float32. Extra memory is ``O(chunk_size x vocab_chunk_size)``.
+    vocabulary, reduced in float32 (also under autocast). Extra memory is ``O(chunk_size x vocab_chunk_size)``.
 
     Args:
         hidden: ``[B, T, D]`` final-norm hidden states at the positions that predict each completion token.
@@ -359,7 +375,7 @@ def teacher_token_stats(
     """
     _check_projection(hidden, weight, chunk_size, vocab_chunk_size, mask, "hidden")
     _check_targets(targets, hidden)
-    with torch.no_grad():
+    with torch.no_grad(), _without_autocast(hidden.device):
         flat_hidden = _flat_positions(hidden, mask)  # [M, D]
         flat_targets = _flat_positions(targets, mask)  # [M]
         logp = torch.empty(flat_hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [M]

@@ -10,13 +10,13 @@ policy once per optimizer step by :meth:`VLLMEngine.sync_policy`. Two ways of do
 
 vLLM is imported lazily in :meth:`VLLMEngine.setup`; constructing the engine without it installed
 fails with one line naming the extra to install. See ``docs/vllm.md`` for the measurements behind
-the defaults.
+the defaults and ``docs/gpu.md`` for GPU memory, ranks and resume. Everything that reaches into vLLM's
+internals lives in :mod:`egrsd_pl.rollout.vllm_compat`, with the vLLM versions it was checked on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import os
 import random
@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from egrsd_pl.rollout import vllm_compat
 from egrsd_pl.rollout.base import (
     Rollout,
     RolloutEngine,
@@ -50,6 +51,13 @@ class VLLMEngine(RolloutEngine):
 
     Every rank builds its own engine in :meth:`setup` (seeded with the rank's seed); under DDP all
     ranks must call :meth:`setup` together, since vLLM builds its groups on the training world.
+
+    Decision: one engine per rank, on the rank's own device. When a ``torch.distributed`` group exists
+    (DDP), vLLM starts with ``distributed_executor_backend="external_launcher"``: it reuses the trainer's
+    group (tensor parallel 1, so every rank is its own vLLM replica and may submit its own prompts and
+    seeds) and places its model on ``cuda:<LOCAL_RANK>``, which :meth:`setup` exports as the trainer's
+    current device. vLLM's default in-process executor would put every rank's engine on ``cuda:0``.
+    After start-up the current device is checked to still be the rank's own.
 
     Decision: per-request seeds. With ``SamplingConfig.seed`` set, request ``i`` of a call (the
     prompt-major index over ``num_rollouts`` copies of each prompt) samples with seed
@@ -85,6 +93,10 @@ class VLLMEngine(RolloutEngine):
             On CPU it must be at least the model length (chunked prefill is off there, see below).
         adapter_dir: Parent folder of the per-rank adapter folders (``sync="adapter"``); ``None``
             uses the system temporary folder.
+        batch_invariant: Turn on vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, set before
+            vLLM is imported): on CUDA a sequence's tokens then do not depend on which other requests
+            share its batch, which an exact resume needs there (``docs/gpu.md``). Slower decoding; on
+            Ampere it also replaces torch's matmuls process-wide, the trainer's included.
     """
 
     def __init__(
@@ -103,6 +115,7 @@ class VLLMEngine(RolloutEngine):
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         adapter_dir: str | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         if sync not in ("merged", "adapter"):
             raise ValueError(f"sync must be 'merged' or 'adapter', got {sync!r}")
@@ -138,6 +151,7 @@ class VLLMEngine(RolloutEngine):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_dir = adapter_dir
+        self.batch_invariant = batch_invariant
         self.sync_count = 0
         self.synced_step: int | None = None
         self._llm: Any = None
@@ -186,10 +200,18 @@ class VLLMEngine(RolloutEngine):
         self.close()
         if not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(f"model_path has no config.json: {model_path}")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        distributed = torch.distributed.is_initialized()
+        if distributed and not self.in_process:
+            raise ValueError(
+                "--data.engine.init_args.in_process false: under DDP each rank's vLLM runs in the trainer's "
+                "process (external_launcher), so in_process must be true"
+            )
         on_cuda = torch.cuda.is_available()
-        if not on_cuda:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_space_gib)
+        vllm_compat.set_engine_environment(
+            in_process=self.in_process,
+            cpu_kv_cache_gib=None if on_cuda else self.kv_cache_space_gib,
+            batch_invariant=self.batch_invariant,
+        )
         try:
             from vllm import LLM
         except Exception as error:  # installed but broken, e.g. PyPI torchvision beside the CPU torch
@@ -197,9 +219,33 @@ class VLLMEngine(RolloutEngine):
                 f"vLLM is installed but does not import ({type(error).__name__}: {error}); "
                 "scripts/install.sh removes the packages that break it"
             ) from error
+        vllm_compat.warn_if_unchecked()
 
         self._sleeps = self.enable_sleep_mode and on_cuda
-        self._owns_process_group = not torch.distributed.is_initialized()
+        self._owns_process_group = not distributed
+        kwargs = self.engine_arguments(model, model_path=model_path, seed=seed, on_cuda=on_cuda)
+        if self.sync == "adapter":
+            rank = torch.distributed.get_rank() if distributed else 0
+            self._adapter_root = Path(
+                tempfile.mkdtemp(prefix=f"egrsd-vllm-rank{rank}-", dir=self.adapter_dir)
+            )
+        device = torch.cuda.current_device() if on_cuda else None
+        launcher: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if distributed:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            launcher = vllm_compat.launcher_environment(**self.launcher_ranks(device))
+        with vllm_compat.set_num_threads_restored(), launcher, _global_rng_preserved():
+            # in-process vLLM reseeds the trainer's global generators; its CPU worker patches set_num_threads
+            self._llm = LLM(**kwargs)
+        self._model_path = model_path
+        self._asleep = False
+        if on_cuda:
+            check_device_kept(device, torch.cuda.current_device())
+        if self._sleeps:
+            self._sleep()
+
+    def engine_arguments(self, model: Any, *, model_path: str, seed: int, on_cuda: bool) -> dict[str, Any]:
+        """The keyword arguments of vLLM's ``LLM`` (without the executor, which :meth:`setup` adds)."""
         kwargs: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
@@ -209,7 +255,7 @@ class VLLMEngine(RolloutEngine):
             max_model_len=self.max_model_len if self.max_model_len is not None else self._reserved or None,
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
-            enable_sleep_mode=self._sleeps,
+            enable_sleep_mode=self.enable_sleep_mode and on_cuda,
             generation_config="vllm",  # sampling comes from SamplingConfig only, stops from _stop_ids
         )
         if not on_cuda:
@@ -222,21 +268,18 @@ class VLLMEngine(RolloutEngine):
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
         if self.sync == "adapter":
             kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1)
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self._adapter_root = Path(
-                tempfile.mkdtemp(prefix=f"egrsd-vllm-rank{rank}-", dir=self.adapter_dir)
-            )
-        set_num_threads = torch.set_num_threads
-        try:
-            with _global_rng_preserved():  # in-process vLLM reseeds the trainer's global generators
-                self._llm = LLM(**kwargs)
-        finally:
-            # vLLM's CPU worker replaces torch.set_num_threads by a no-op for the whole process.
-            torch.set_num_threads = set_num_threads
-        self._model_path = model_path
-        self._asleep = False
-        if self._sleeps:
-            self._sleep()
+        return kwargs
+
+    @staticmethod
+    def launcher_ranks(device: int | None) -> dict[str, int]:
+        """``rank``, ``local_rank`` and ``world_size`` for vLLM's ``external_launcher`` on this rank.
+
+        ``local_rank`` is the CUDA device index vLLM puts its model on: the trainer's current device
+        (Lightning sets it to the rank's root device), on CPU the environment's ``LOCAL_RANK`` or the rank.
+        """
+        rank = torch.distributed.get_rank()
+        local_rank = device if device is not None else int(os.environ.get("LOCAL_RANK", rank))
+        return {"rank": rank, "local_rank": local_rank, "world_size": torch.distributed.get_world_size()}
 
     def close(self) -> None:
         """Shuts vLLM down and frees its memory; a later :meth:`setup` starts a fresh engine.
@@ -247,21 +290,10 @@ class VLLMEngine(RolloutEngine):
         """
         if self._llm is None:
             return
-        from vllm.distributed import parallel_state
-
         llm, self._llm = self._llm, None
-        keep_world: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if not self._owns_process_group:
-            keep_world = _patched(parallel_state, "destroy_distributed_environment", _destroy_vllm_world)
-        with keep_world:
-            llm.llm_engine.engine_core.shutdown()
+        with vllm_compat.process_groups_destroyed(owns_process_group=self._owns_process_group):
+            vllm_compat.shutdown_engine_core(llm)
             del llm
-            gc.collect()
-            parallel_state.destroy_model_parallel()
-            if self._owns_process_group:
-                parallel_state.destroy_distributed_environment()
-            else:
-                _destroy_vllm_world()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if self._adapter_root is not None:
@@ -285,6 +317,7 @@ class VLLMEngine(RolloutEngine):
             return
         self._model = model
         if self._asleep:
+            _release_cached_memory()  # the training step's freed blocks go back to the device for vLLM
             self._llm.wake_up(tags=["weights"])
         self._push_policy(model)
         if self._asleep:
@@ -296,9 +329,7 @@ class VLLMEngine(RolloutEngine):
 
     def _push_policy(self, model: Any) -> None:
         if self.sync == "merged":
-            weights = merged_weights(model, POLICY_ADAPTER)
-            # vLLM's in-place reload: checkpoint-format names, re-processed into kernel layouts.
-            self._llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights))
+            vllm_compat.reload_weights(self._llm, merged_weights(model, POLICY_ADAPTER))
             return
         from vllm.lora.request import LoRARequest
 
@@ -392,6 +423,7 @@ class VLLMEngine(RolloutEngine):
         self._asleep = True
 
     def _wake_without_sync(self) -> None:
+        _release_cached_memory()
         if self.sleep_level == 1:
             self._llm.wake_up()
         else:  # level 2 dropped the weights: push the bound policy again
@@ -415,14 +447,20 @@ def _check_adapter_folder(folder: Path) -> None:
             raise FileNotFoundError(f"adapter folder {folder} has no {file}; not handing it to vLLM")
 
 
-def _destroy_vllm_world() -> None:
-    """Destroys vLLM's world group but leaves the trainer's default process group alive."""
-    from vllm.distributed import parallel_state
+def check_device_kept(expected: int | None, current: int) -> None:
+    """Raises when vLLM's start-up moved this rank's current CUDA device away from its own."""
+    if expected is not None and current != expected:
+        raise RuntimeError(
+            f"vLLM's start-up moved this rank's current CUDA device from cuda:{expected} to cuda:{current}: "
+            "its engine would share another rank's GPU (run under DDP with a torch.distributed group, "
+            "so that vLLM uses external_launcher on the rank's own device)"
+        )
 
-    if parallel_state._WORLD is not None:
-        parallel_state._WORLD.destroy()
-    parallel_state._WORLD = None
-    parallel_state._NODE_COUNT = None
+
+def _release_cached_memory() -> None:
+    """Returns the caching allocator's free blocks to the device before vLLM wakes up (CUDA only)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -437,13 +475,3 @@ def _global_rng_preserved() -> Iterator[None]:
     random.setstate(python_state)
     if numpy is not None:
         numpy.random.set_state(numpy_state)
-
-
-@contextlib.contextmanager
-def _patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)

@@ -1,0 +1,245 @@
+"""Per-GPU memory budget of a paper config: training step, rollouts and evaluation (computed, not measured).
+
+    python bench/gpu_memory_budget.py                                   # every paper config, 80 GB GPUs
+    python bench/gpu_memory_budget.py --config configs/qwen3_8b/egrsd.yaml --gpu-gib 139.8
+    python bench/gpu_memory_budget.py --write docs/gpu_memory.md        # the table the docs show
+
+Everything is computed from the model's shape (``QWEN3_SHAPES`` of ``egrsd_pl/testbed/qwen3_shape.py``,
+the real models' ``config.json`` values) and the config's own numbers (LoRA rank, batch, lengths, vLLM
+engine settings). The assumptions, each a line in the table:
+
+- the student's base weights are bfloat16; PEFT keeps LoRA weights in float32 (``autocast_adapter_dtype``);
+  AdamW holds two float32 moments per LoRA weight and the gradient is float32;
+- gradient checkpointing stores each layer's input (bf16) and recomputes one layer at a time, whose
+  activations are ~``4·hidden + 2·q_dim + 2·kv_dim + 4·intermediate`` bf16 values per token;
+- vLLM holds its own bf16 copy of the weights, a KV cache of ``2 · layers · kv_heads · head_dim`` bf16
+  values per token, an activation peak for ``max_num_batched_tokens`` (estimated like one recomputed
+  layer plus the sampler's float32 logits for ``max_num_seqs``), CUDA graphs (``GRAPH_GIB``);
+- a fixed ``OVERHEAD_GIB`` for the CUDA context, NCCL buffers and allocator slack; with sleep mode,
+  ``ASLEEP_GIB`` that vLLM keeps while asleep (graph pools, workspaces outside its sleep allocator).
+
+vLLM's KV cache is what is left of ``gpu_memory_utilization × GPU memory`` after its weights, activation
+peak and graphs (vLLM 0.32 ``gpu_worker.determine_available_memory``), and vLLM refuses to start when
+less than that share is free: the trainer's resident memory plus the overhead must fit in the rest.
+Figures are GiB (2^30 bytes) per GPU; check them against ``bench/gpu_check.sh`` on a real GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from egrsd_pl.testbed.qwen3_shape import HEAD_DIM, QWEN3_SHAPES  # noqa: E402
+from egrsd_pl.testbed.qwen3_template import QWEN3_VOCAB_SIZE  # noqa: E402
+
+GIB = 2**30
+BF16, FP32 = 2, 4
+OVERHEAD_GIB = 3.0  # CUDA context (~0.5), NCCL buffers, allocator fragmentation
+GRAPH_GIB = 1.0  # vLLM's CUDA graphs (captured up to max_num_seqs)
+ASLEEP_GIB = 1.5  # vLLM while asleep (sleep level 1): graph pools and buffers outside its sleep allocator
+VOCAB_CHUNK = 16384  # rows of lm_head projected at once (egrsd_pl.losses.vocabulary default)
+GPU_GIB_80GB = 79.2  # what torch reports for an 80 GB H100 / A100 (85.0e9 bytes)
+PAPER_CONFIGS = sorted(
+    str(p.relative_to(ROOT))
+    for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "qwen3_8b").glob("*.yaml")]
+    if "Qwen/Qwen3-" in p.read_text()
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The numbers of one config that memory depends on."""
+
+    model: str  # "qwen3-4b" or "qwen3-8b"
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    teacher_adapter: bool  # a second (frozen-gradient) LoRA adapter: every schedule but "frozen"
+    sequences: int  # rollouts per rank per optimizer step (batch_size x num_rollouts)
+    prompt_tokens: int  # assumed student prompt length
+    teacher_extra_tokens: int  # assumed reference-solution length added to the teacher prompt
+    completion_tokens: int  # data.max_new_tokens
+    eval_completion_tokens: int  # evaluation.max_new_tokens
+    logit_chunk: int  # model.logit_chunk_size
+    utilization: float  # engine gpu_memory_utilization
+    max_num_seqs: int  # engine max_num_seqs
+    max_num_batched_tokens: int  # engine max_num_batched_tokens
+
+
+def parameters(model: str) -> dict[str, int]:
+    """Parameter counts of the backbone (``total``) and the pieces the budget needs."""
+    shape = QWEN3_SHAPES[model]
+    hidden, layers, inter = shape["hidden_size"], shape["num_layers"], shape["intermediate_size"]
+    q_dim, kv_dim = shape["num_heads"] * HEAD_DIM, shape["num_kv_heads"] * HEAD_DIM
+    per_layer = (
+        hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * inter + 2 * hidden + 2 * HEAD_DIM
+    )
+    embedding = QWEN3_VOCAB_SIZE * hidden
+    head = 0 if shape["tie_embeddings"] else embedding
+    return {"total": embedding + head + layers * per_layer + hidden, "q_dim": q_dim, "kv_dim": kv_dim}
+
+
+def lora_parameters(model: str, rank: int, targets: tuple[str, ...]) -> int:
+    """``rank · (in + out)`` per targeted projection and layer."""
+    shape = QWEN3_SHAPES[model]
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    dims = parameters(model)
+    q_dim, kv_dim = dims["q_dim"], dims["kv_dim"]
+    sizes = {
+        "q_proj": (hidden, q_dim),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (q_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    return shape["num_layers"] * sum(rank * sum(sizes[name]) for name in targets)
+
+
+def kv_bytes_per_token(model: str) -> int:
+    shape = QWEN3_SHAPES[model]
+    return 2 * shape["num_layers"] * shape["num_kv_heads"] * HEAD_DIM * BF16
+
+
+def layer_activation_bytes_per_token(model: str) -> int:
+    shape = QWEN3_SHAPES[model]
+    dims = parameters(model)
+    values = (
+        4 * shape["hidden_size"] + 2 * dims["q_dim"] + 2 * dims["kv_dim"] + 4 * shape["intermediate_size"]
+    )
+    return values * BF16
+
+
+def budget(work: Workload, gpu_gib: float) -> dict[str, float]:
+    """Every line of the budget, GiB per GPU."""
+    shape = QWEN3_SHAPES[work.model]
+    weights = parameters(work.model)["total"] * BF16 / GIB
+    lora = lora_parameters(work.model, work.lora_rank, work.lora_targets)
+    student_adapter = lora * (FP32 + FP32 + 2 * FP32) / GIB  # weight, gradient, AdamW moments
+    teacher_adapter = lora * FP32 / GIB if work.teacher_adapter else 0.0
+    student_tokens = work.sequences * (work.prompt_tokens + work.completion_tokens)
+    teacher_tokens = work.sequences * (
+        work.prompt_tokens + work.teacher_extra_tokens + work.completion_tokens
+    )
+    checkpoints = student_tokens * shape["num_layers"] * shape["hidden_size"] * BF16 / GIB
+    recompute = student_tokens * layer_activation_bytes_per_token(work.model) / GIB
+    teacher_pass = teacher_tokens * layer_activation_bytes_per_token(work.model) / GIB  # no grad: one layer
+    vocabulary = 4 * work.logit_chunk * VOCAB_CHUNK * FP32 / GIB  # logits + weights buffers, both sides
+    completion_hidden = 2 * work.sequences * work.completion_tokens * shape["hidden_size"] * FP32 / GIB
+    activations = checkpoints + max(recompute, teacher_pass) + vocabulary + completion_hidden
+    vllm_share = work.utilization * gpu_gib
+    vllm_activations = (
+        work.max_num_batched_tokens * layer_activation_bytes_per_token(work.model)
+        + work.max_num_seqs * QWEN3_VOCAB_SIZE * FP32 * 2
+    ) / GIB
+    kv_cache = vllm_share - weights - vllm_activations - GRAPH_GIB
+    kv_token = kv_bytes_per_token(work.model)
+    rollout_tokens = work.sequences * (work.prompt_tokens + work.completion_tokens)
+    eval_sequence = work.prompt_tokens + work.eval_completion_tokens
+    trainer_resident = weights + student_adapter - lora * FP32 / GIB + teacher_adapter  # gradients freed
+    return {
+        "student weights (bf16)": weights,
+        "LoRA weights + gradients + AdamW (fp32)": student_adapter,
+        "teacher adapter (fp32)": teacher_adapter,
+        "activations of a step (checkpointing)": activations,
+        "overhead (context, NCCL, slack)": OVERHEAD_GIB,
+        "vLLM asleep": ASLEEP_GIB,
+        "training step peak": weights
+        + student_adapter
+        + teacher_adapter
+        + activations
+        + OVERHEAD_GIB
+        + ASLEEP_GIB,
+        "trainer resident while vLLM runs": trainer_resident,
+        "vLLM share (utilization x GPU)": vllm_share,
+        "vLLM weights (bf16)": weights,
+        "vLLM activations + sampler": vllm_activations,
+        "vLLM CUDA graphs": GRAPH_GIB,
+        "KV cache": kv_cache,
+        "generation peak": trainer_resident + OVERHEAD_GIB + vllm_share,
+        "KV cache, one rollout step (GiB)": rollout_tokens * kv_token / GIB,
+        "KV cache, one evaluation sequence (GiB)": eval_sequence * kv_token / GIB,
+        "evaluation sequences the KV cache holds": kv_cache * GIB / (eval_sequence * kv_token),
+        "GPU memory": gpu_gib,
+    }
+
+
+def workload(config_path: str | Path, *, prompt_tokens: int, teacher_extra_tokens: int) -> Workload:
+    """The :class:`Workload` of a paper config (read as YAML; defaults are the module's and the engine's)."""
+    config = yaml.safe_load(Path(ROOT, config_path).read_text())
+    model, data = config["model"], config["data"]
+    engine = data["engine"]["init_args"]
+    name = model["model_name_or_path"].split("/")[-1].lower()
+    return Workload(
+        model=name,
+        lora_rank=model["lora_rank"],
+        lora_targets=tuple(model["lora_target_modules"]),
+        teacher_adapter=config.get("teacher", {}).get("schedule", "frozen") != "frozen",
+        sequences=data["batch_size"] * data.get("num_rollouts", 1),
+        prompt_tokens=prompt_tokens,
+        teacher_extra_tokens=teacher_extra_tokens,
+        completion_tokens=data["max_new_tokens"],
+        eval_completion_tokens=config["evaluation"]["max_new_tokens"],
+        logit_chunk=model.get("logit_chunk_size", 1024),
+        utilization=engine["gpu_memory_utilization"],
+        max_num_seqs=engine["max_num_seqs"],
+        max_num_batched_tokens=engine["max_num_batched_tokens"],
+    )
+
+
+def fits(lines: dict[str, float]) -> bool:
+    """Both phases fit the GPU, and the KV cache holds at least one evaluation sequence."""
+    gpu = lines["GPU memory"]
+    return (
+        lines["training step peak"] <= gpu
+        and lines["generation peak"] <= gpu
+        and lines["evaluation sequences the KV cache holds"] >= 1
+    )
+
+
+def table(configs: list[str], gpu_gib: float, prompt_tokens: int, teacher_extra_tokens: int) -> str:
+    by_model: dict[str, tuple[str, dict[str, float]]] = {}
+    for path in configs:
+        work = workload(path, prompt_tokens=prompt_tokens, teacher_extra_tokens=teacher_extra_tokens)
+        by_model.setdefault(f"{work.model} ({path})", (path, budget(work, gpu_gib)))
+    names = list(by_model)
+    rows = [f"| GiB per GPU | {' | '.join(names)} |", f"| --- | {' | '.join('---:' for _ in names)} |"]
+    for line in next(iter(by_model.values()))[1]:
+        values = " | ".join(f"{by_model[name][1][line]:.2f}" for name in names)
+        rows.append(f"| {line} | {values} |")
+    verdict = " | ".join("yes" if fits(by_model[name][1]) else "**no**" for name in names)
+    rows.append(f"| fits | {verdict} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", action="append", help="config file(s); default: egrsd 4B and 8B")
+    parser.add_argument("--gpu-gib", type=float, default=GPU_GIB_80GB, help="GPU memory in GiB (80 GB: 79.2)")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="assumed student prompt length")
+    parser.add_argument("--teacher-extra-tokens", type=int, default=4096, help="assumed reference solution")
+    parser.add_argument("--write", help="also write the table (markdown) to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    configs = args.config or ["configs/egrsd.yaml", "configs/qwen3_8b/egrsd.yaml"]
+    text = table(configs, args.gpu_gib, args.prompt_tokens, args.teacher_extra_tokens)
+    print(text)
+    if args.write:
+        Path(args.write).write_text(text + "\n")
+    return {"table": text}
+
+
+if __name__ == "__main__":
+    main()
