@@ -13,6 +13,7 @@ from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics
 from egrsd_pl.cli import build_cli
 from egrsd_pl.diagnostics import main as diagnose
 from egrsd_pl.diagnostics.command import load_module
+from egrsd_pl.losses import GateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DIAG_SCALARS = {f"diag/{name}_frac" for name in ("lock", "fork", "pivot", "mid")} | {
@@ -191,7 +192,8 @@ def test_diagnose_rejects_bad_thresholds_before_loading_anything(tmp_path: Path)
 
 
 class _RecordingModule:
-    hparams = {"objective": "egrsd", "gamma": 0.3, "window": 0, "omega_floor": 0.1}
+    hparams = {"objective": "egrsd"}
+    gate = GateConfig()  # what EGRSDModule builds from --model.gamma / window / omega_floor
 
     def __init__(self) -> None:
         self.logged: dict[str, float] = {}
