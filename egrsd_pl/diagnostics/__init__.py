@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
-    """``egrsd diagnose ...``; see :func:`egrsd_pl.diagnostics.command.main`."""
+
+def main(argv: list[str] | None = None, **options: Any) -> int:
+    """``egrsd diagnose ...``; see :func:`egrsd_pl.diagnostics.command.main` (``options``: ``parse_run``)."""
     from egrsd_pl.diagnostics.command import main as run
 
-    return run(argv)
+    return run(argv, **options)

@@ -164,7 +164,10 @@ def classify_regimes(
 def check_regime_thresholds(tau_low: float, tau_high: float) -> None:
     """``0 <= τ_low < τ_high``; else one error line naming the flags."""
     if not 0 <= tau_low < tau_high:
-        raise ValueError(f"--tau_low / --tau_high need 0 <= tau_low < tau_high, got {tau_low} and {tau_high}")
+        raise ValueError(
+            f"--diagnostics.tau_low / --diagnostics.tau_high need 0 <= tau_low < tau_high, got {tau_low} and "
+            f"{tau_high}"
+        )
 
 
 class RegimeStats(NamedTuple):
