@@ -4,7 +4,6 @@ Pareto frontier)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from egrsd_pl.compare.aggregate import (
     k_of,
     to_json,
 )
+from egrsd_pl.json_files import write_json
 
 
 def format_stat(value: SeedStat, digits: int = 2, *, thousands: bool = False) -> str:
@@ -222,7 +222,7 @@ def write_comparison(
         comparison_markdown(summaries, command=command, pending=pending, reference=reference)
     )
     data = to_json(summaries, command=command, pending_runs=pending, **header)
-    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    write_json(paths["json"], data)
     if any(s.runs for s in summaries):
         paths["plot"] = out / "frontier.png"
         frontier_figure(summaries).savefig(paths["plot"])
