@@ -227,7 +227,9 @@ def parse_run(args: list[str], add_arguments: Callable[[Any], None]) -> tuple[An
     """
     cli_class = type("_RunToolCLI", (_ToolCLI,), {"tool_arguments": staticmethod(add_arguments)})
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # egrsd TOOL: argv[2:]
+        warnings.filterwarnings(
+            "ignore", message="LightningCLI's args parameter"
+        )  # `egrsd diagnose ...`: args are argv[2:]
         cli = build_cli(args, run=False, cli_class=cli_class)
     return cli.config, cli.config_init
 

@@ -107,6 +107,7 @@ class Settings:
 
 def add_arguments(parser: Any) -> None:
     """diagnose's own options, on top of ``fit``'s (a jsonargparse parser)."""
+    parser.prog = "egrsd diagnose"
     parser.description = (
         "Mechanism diagnostics (paper §5.5): entropy deciles (Fig. 4a), lock/fork/pivot regimes and CL-EGRSD's "
         "pivot restore (Fig. 4b), per-token traces (Fig. A4) and a token page (Fig. 3), read from the run's "
