@@ -15,13 +15,8 @@ import torch
 from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics
 from egrsd_pl.cli import build_cli, parse_run
 from egrsd_pl.diagnostics import main as run_diagnose
-from egrsd_pl.diagnostics.command import (
-    add_arguments,
-    load_module,
-    prepare_module,
-    resolve_settings,
-    score_batch,
-)
+from egrsd_pl.diagnostics.command import load_module, prepare_module, score_batch
+from egrsd_pl.diagnostics.options import add_arguments, resolve_settings
 from egrsd_pl.losses import GateConfig
 from egrsd_pl.problem_sources import load_problems
 from egrsd_pl.stats import RunningRewardStats

@@ -3,6 +3,7 @@
 - :mod:`~egrsd_pl.diagnostics.mechanism`: the pure math (gates, lock/fork/pivot regimes, entropy deciles).
 - :mod:`~egrsd_pl.diagnostics.report`: tables, figures and the token page.
 - :mod:`~egrsd_pl.diagnostics.command`: ``egrsd diagnose`` (sample, score behind both prompts, report).
+- :mod:`~egrsd_pl.diagnostics.options`: its options, resolved from the run's config.
 """
 
 from __future__ import annotations
