@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics  # noqa: E402
 from egrsd_pl.cli import build_cli  # noqa: E402
+from egrsd_pl.losses import DEFAULT_GATE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +107,8 @@ def fit(
 class _Recorder:
     """Stands in for the module: the callback's ``log_dict`` target."""
 
-    hparams = {"objective": "egrsd", "gamma": 0.3, "window": 0, "omega_floor": 0.1}
+    hparams = {"objective": "egrsd"}
+    gate = DEFAULT_GATE
 
     def log_dict(self, metrics: dict[str, Any], **kwargs: Any) -> None:
         self.metrics = metrics

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -13,14 +13,12 @@ from egrsd_pl.diagnostics.mechanism import (
     REGIMES,
     check_regime_thresholds,
     classify_regimes,
+    diagnostic_gate,
     entropy_deciles,
     regime_stats,
     token_gates,
 )
-from egrsd_pl.losses import masked_mean
-
-DEFAULT_LOOKAHEAD = 5
-"""Look-ahead ``W`` of ``Ĥ^CL`` when the run itself has none (``egrsd``, ``rlsd``): the paper's Fig. 4b."""
+from egrsd_pl.losses import DEFAULT_GATE, GateConfig, masked_mean
 
 
 class MechanismDiagnostics(L.Callback):
@@ -40,7 +38,8 @@ class MechanismDiagnostics(L.Callback):
     Args:
         enabled: The switch (``--diagnostics.enabled true``); off by default.
         gamma: ``γ`` of both gates; ``None``: the run's ``--model.gamma``.
-        window: Look-ahead ``W`` of ``Ĥ^CL``; ``None``: the run's ``--model.window``, or 5 when it is 0.
+        window: Look-ahead ``W >= 1`` of ``Ĥ^CL``; ``None``: the run's ``--model.window``, or 5 when it is 0
+            (:func:`~egrsd_pl.diagnostics.mechanism.diagnostic_gate`; ``egrsd diagnose`` reads the same).
         tau_low: Lock / resolved threshold on ``Ĥ`` (Decision in :mod:`egrsd_pl.diagnostics.mechanism`).
         tau_high: Uncertain threshold on ``Ĥ``.
         histogram_every_n_steps: Histogram period in optimizer steps (0 disables).
@@ -58,10 +57,7 @@ class MechanismDiagnostics(L.Callback):
         deciles_every_n_steps: int = 50,
     ) -> None:
         check_regime_thresholds(tau_low, tau_high)
-        if gamma is not None and gamma < 0:
-            raise ValueError(f"--diagnostics.gamma must be >= 0, got {gamma}")
-        if window is not None and window < 1:
-            raise ValueError(f"--diagnostics.window must be >= 1, got {window}")
+        diagnostic_gate(DEFAULT_GATE, gamma=gamma, window=window)  # checks --diagnostics.gamma / window
         for name, every in (("histogram", histogram_every_n_steps), ("deciles", deciles_every_n_steps)):
             if every < 0:
                 raise ValueError(f"--diagnostics.{name}_every_n_steps must be >= 0, got {every}")
@@ -87,14 +83,10 @@ class MechanismDiagnostics(L.Callback):
                 f"got {objective!r}"
             )
 
-    def settings(self, pl_module: L.LightningModule) -> tuple[float, int, float]:
-        """``(γ, W, ω floor)`` of the diagnostics for this run."""
-        hparams: Any = pl_module.hparams
-        gamma = self.gamma if self.gamma is not None else float(hparams.get("gamma", 0.3))
-        window = (
-            self.window if self.window is not None else int(hparams.get("window", 0)) or DEFAULT_LOOKAHEAD
-        )
-        return gamma, window, float(hparams.get("omega_floor", 0.1))
+    def settings(self, pl_module: L.LightningModule) -> GateConfig:
+        """``γ``, ``W`` and the ``ω`` floor of the diagnostics for this run (from ``pl_module.gate``)."""
+        run: GateConfig = cast(Any, pl_module).gate
+        return diagnostic_gate(run, gamma=self.gamma, window=self.window)
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -106,13 +98,13 @@ class MechanismDiagnostics(L.Callback):
         entropy, mask = quantities.teacher_entropy, quantities.mask  # [N, T], [N, T]
         if entropy is None:  # same on every rank (the objective decides), so no collective is skipped
             return
-        gamma, window, omega_floor = self.settings(pl_module)
+        gate = self.settings(pl_module)
         gates = token_gates(
             entropy,
             mask,
-            gamma=gamma,
-            window=window,
-            omega_floor=omega_floor,
+            gamma=gate.gamma,
+            window=gate.window,
+            omega_floor=gate.omega_floor,
             entropy_max=quantities.entropy_max,
         )
         regime = classify_regimes(
@@ -128,7 +120,7 @@ class MechanismDiagnostics(L.Callback):
             metrics["diag/gap_abs_mean"] = masked_mean(quantities.delta.abs(), mask)
         batch_size = int(mask.shape[0])
         pl_module.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
-        self.draw(trainer, entropy, mask, gates, quantities.delta, gamma=gamma)
+        self.draw(trainer, entropy, mask, gates, quantities.delta, gamma=gate.gamma)
 
     def draw(
         self, trainer: L.Trainer, entropy: Any, mask: Any, gates: Any, delta: Any, *, gamma: float

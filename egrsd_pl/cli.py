@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,7 @@ class EGRSDCLI(LightningCLI):
         DataModule load nothing until ``fit``); adds :class:`StepProgressBar` unless the summary or the
         bar is off, or one is given."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_accelerator(config, torch.cuda.is_available())
-        if config.get("torch_threads") is not None:
-            if config.torch_threads < 1:
-                raise ValueError(f"--torch_threads must be >= 1 or null, got {config.torch_threads}")
-            torch.set_num_threads(config.torch_threads)
+        prepare_process(config)
         trainer_config = self._get(self.config_init, "trainer", default={})
         given = trainer_config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
@@ -112,6 +109,16 @@ class EGRSDCLI(LightningCLI):
                 "--ckpt_path last: no last.ckpt from an earlier run of this experiment, starting at step 0"
             )
         config["ckpt_path"] = None if found is None else str(found)
+
+
+def prepare_process(config: Any) -> None:
+    """Before anything heavy: stops a GPU config without a GPU (:func:`check_accelerator`) and applies
+    ``--torch_threads``."""
+    check_accelerator(config, torch.cuda.is_available())
+    if config.get("torch_threads") is not None:
+        if config.torch_threads < 1:
+            raise ValueError(f"--torch_threads must be >= 1 or null, got {config.torch_threads}")
+        torch.set_num_threads(config.torch_threads)
 
 
 def check_accelerator(config: Any, cuda_available: bool) -> None:
@@ -191,6 +198,42 @@ def parse_error(args: list[str]) -> str | None:
     return None
 
 
+class _ToolCLI(EGRSDCLI):
+    """``fit``'s parser with a tool's options on top (:attr:`tool_arguments`); instantiates the module, the
+    DataModule and the callbacks (each validates its arguments), never a Trainer."""
+
+    tool_arguments: Callable[[Any], None]
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        type(self).tool_arguments(parser)
+
+    def instantiate_classes(self) -> None:
+        prepare_process(self.config)
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.model, self.datamodule = self.config_init.model, self.config_init.data
+
+
+def parse_run(args: list[str], add_arguments: Callable[[Any], None]) -> tuple[Any, Any]:
+    """``(config, instantiated)`` of ``args`` parsed as ``main.py fit`` arguments plus a tool's own options.
+
+    ``egrsd diagnose`` reads its run with it (handed in by :func:`main`: the package never imports the CLI),
+    so stacked ``--config`` files and every ``--model.*`` / ``--data.*`` / ``--evaluation.*`` override mean
+    what they mean to ``fit``.
+
+    Args:
+        args: The tool's command line (without the command name).
+        add_arguments: Adds the tool's options to the jsonargparse parser.
+    """
+    cli_class = type("_RunToolCLI", (_ToolCLI,), {"tool_arguments": staticmethod(add_arguments)})
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="LightningCLI's args parameter"
+        )  # `egrsd diagnose ...`: args are argv[2:]
+        cli = build_cli(args, run=False, cli_class=cli_class)
+    return cli.config, cli.config_init
+
+
 def _last_error_line(text: str) -> str:
     """The informative line of jsonargparse's error output (``error: ...``), shortened."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -213,6 +256,11 @@ TOOLS: dict[str, tuple[str, str]] = {
     ),
     "testbed": ("egrsd_pl.testbed.__main__", "build or locate the offline testbed models"),
 }
+TOOL_OPTIONS: dict[str, dict[str, Any]] = {
+    "compare": {"parse_error": parse_error},
+    "diagnose": {"parse_run": parse_run},
+}
+"""What the composition root hands each tool: the CLI's own parser, which the package cannot import."""
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a method (python main.py fit --config configs/tiny.yaml)",
     "validate": "avg@K evaluation of the base model or a checkpoint (--ckpt_path)",
@@ -238,7 +286,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[0] in TOOLS:
             module = importlib.import_module(TOOLS[argv[0]][0])
-            options = {"parse_error": parse_error} if argv[0] == "compare" else {}
+            options = TOOL_OPTIONS.get(argv[0], {})
             sys.exit(module.main(argv[1:], **options))
         build_cli(argv)
     except (ValueError, FileNotFoundError, ImportError) as error:

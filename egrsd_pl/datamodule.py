@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -34,6 +34,7 @@ from egrsd_pl.rollout.base import (
 from egrsd_pl.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
+TeacherPrompt = Literal["reference", "concise"]
 
 
 @dataclass
@@ -252,7 +253,9 @@ class RolloutDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         builder, hp = self._prompt_builder(), self.hparams
         spec: ObjectiveSpec = self._module().objective_spec
-        teacher_lengths = [len(self.teacher_prompt_ids(builder, spec, p)) for p in self.problems]
+        teacher_lengths = [
+            len(self.teacher_prompt_ids(builder, spec.teacher_prompt, p)) for p in self.problems
+        ]
         budget = hp.max_length - hp.max_new_tokens
         kept, self.num_skipped_long = filter_by_prompt_length(
             self.problems, teacher_lengths, max_prompt_tokens=budget
@@ -318,9 +321,10 @@ class RolloutDataModule(L.LightningDataModule):
             )
         self.engine.reserve_length(student + new_tokens)
 
-    def teacher_prompt_ids(self, builder: PromptBuilder, spec: ObjectiveSpec, problem: Problem) -> list[int]:
-        """The objective's teacher prompt: CRISP's concise one, or problem + reference solution."""
-        if spec.teacher_prompt == "concise":
+    def teacher_prompt_ids(self, builder: PromptBuilder, kind: TeacherPrompt, problem: Problem) -> list[int]:
+        """The teacher prompt of an objective (``ObjectiveSpec.teacher_prompt``): CRISP's concise one, or
+        problem + reference solution."""
+        if kind == "concise":
             return builder.concise_teacher_prompt_ids(problem.problem, self.hparams.crisp_instruction)
         return builder.teacher_prompt_ids(problem.problem, problem.solution)
 
@@ -374,20 +378,51 @@ class RolloutDataModule(L.LightningDataModule):
         rollouts = self.engine.generate(student_prompts, sampling)
         rollout_seconds = time.perf_counter() - start
         rewards, correct = self.score(problems, rollouts)
+        batch = self.pack_rollouts(problems, rollouts, module, rewards=rewards, correct=correct)
+        batch.rollout_seconds = rollout_seconds
+        return batch
+
+    def pack_rollouts(
+        self,
+        problems: Sequence[Problem],
+        rollouts: Sequence[Rollout],
+        module: Any,
+        *,
+        rewards: Tensor,
+        correct: Tensor,
+        teacher_prompt: TeacherPrompt | None = None,
+    ) -> RolloutBatch:
+        """Packs scored rollouts behind the student prompt and behind the teacher prompt (step 2's end).
+
+        ``egrsd diagnose`` packs its completions with it too, so both models see what a training step
+        feeds them.
+
+        Args:
+            problems: The ``P`` problems; ``rollouts[i].prompt_index`` indexes them.
+            rollouts: ``N`` rollouts.
+            module: The module (``prompt_builder``, ``tokenizer``, ``objective_spec``).
+            rewards: ``[N]`` rewards.
+            correct: ``[N]`` verification results.
+            teacher_prompt: ``reference`` or ``concise``; ``None``: the objective's.
+        """
+        builder: PromptBuilder = module.prompt_builder
+        pad_id = module.tokenizer.pad_token_id
+        kind = teacher_prompt or module.objective_spec.teacher_prompt
+        student_prompts = [builder.student_prompt_ids(p.problem) for p in problems]
         completions = [list(r.completion_ids) for r in rollouts]
         owners = [problems[r.prompt_index] for r in rollouts]
-        teacher_prompts = [self.teacher_prompt_ids(builder, module.objective_spec, p) for p in owners]
         return RolloutBatch(
             problems=list(problems),
-            rollouts=rollouts,
+            rollouts=list(rollouts),
             rewards=rewards,
             correct=correct,
             group_ids=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
             student=pack_completions(
                 [student_prompts[r.prompt_index] for r in rollouts], completions, pad_id=pad_id
             ),
-            teacher=pack_completions(teacher_prompts, completions, pad_id=pad_id),
-            rollout_seconds=rollout_seconds,
+            teacher=pack_completions(
+                [self.teacher_prompt_ids(builder, kind, p) for p in owners], completions, pad_id=pad_id
+            ),
         )
 
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:

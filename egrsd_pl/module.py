@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
@@ -20,14 +20,18 @@ from torch import Tensor
 from egrsd_pl.backbone import ModelPathError, load_backbone, resolve_model_path
 from egrsd_pl.datamodule import RolloutBatch
 from egrsd_pl.losses import (
+    DEFAULT_GATE,
     OBJECTIVES,
+    GateConfig,
     LossStats,
     ObjectiveInputs,
     ObjectiveName,
     ObjectiveSpec,
     TokenInputs,
     TokenQuantities,
+    check_objective_window,
     compute_objective,
+    confidence_gate,
     group_relative_advantages,
     masked_max,
     student_token_logprobs,
@@ -59,7 +63,7 @@ class EGRSDModule(L.LightningModule):
         window: Causal look-ahead ``W`` of ``cl_egrsd`` (paper: 3 on 4B, 5 on 8B); must be 0 for
             every other objective.
         eps: Magnitude clip ``ε`` of ``w = clip(exp(D·δ), 1-ε, 1+ε)`` (paper: 0.2).
-        omega_floor: Lower bound of the gate ``ω`` (paper: 0.1).
+        omega_floor: Lower bound of the gate ``ω``, in ``[0, 1]`` (paper: 0.1).
         entropy_scope: Scope of the batch maximum that normalises the teacher entropy:
             ``device`` (the paper's per-device minibatch) or ``global`` (all-reduce MAX over ranks).
         teacher: Teacher schedule: ``frozen`` (adapter disabled, the paper's default), ``ema`` or
@@ -91,10 +95,10 @@ class EGRSDModule(L.LightningModule):
         self,
         model_name_or_path: str = "testbed:tiny",
         objective: ObjectiveName = "egrsd",
-        gamma: float = 0.3,
-        window: int = 0,
+        gamma: float = DEFAULT_GATE.gamma,
+        window: int = DEFAULT_GATE.window,
         eps: float = 0.2,
-        omega_floor: float = 0.1,
+        omega_floor: float = DEFAULT_GATE.omega_floor,
         entropy_scope: EntropyScope = "device",
         teacher: TeacherSchedule = "frozen",
         lora_rank: int = 64,
@@ -114,7 +118,9 @@ class EGRSDModule(L.LightningModule):
         log_text_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
-        _validate(objective, teacher, gamma=gamma, window=window, eps=eps, omega_floor=omega_floor)
+        _validate(objective, teacher, eps=eps)
+        self.gate = GateConfig(gamma, window, omega_floor)  # checks --model.gamma / window / omega_floor
+        check_objective_window(objective, window)
         if lora_rank < 1:
             raise ValueError(f"--model.lora_rank must be >= 1, got {lora_rank}")
         if learning_rate <= 0:
@@ -215,24 +221,52 @@ class EGRSDModule(L.LightningModule):
         advantages = self.sequence_advantages(batch)  # [N]
         # Steps 4–5: the per-token quantities this objective reads (student and teacher passes).
         inputs = self.token_input_builders()[spec.token_inputs](batch, advantages)
-        # Step 7's denominator, in the configured scope: only where a confidence gate reads it.
-        entropy_max = self.entropy_max(inputs.teacher_entropy, inputs.mask) if spec.gated else None  # []
+        # Steps 6–8 per token: H, δ, step 7's denominator in the configured scope and the gate ω (only
+        # where a confidence gate reads the entropy); `egrsd diagnose` computes them with the same method.
+        quantities = self.gate_quantities(inputs, self.gate if spec.gated else None)
         # Steps 6–11: window minimum, normalisation, gate, magnitude, token advantage, masked mean.
         loss, stats = compute_objective(
             hp.objective,
             inputs,
-            gamma=hp.gamma,
-            window=hp.window,
+            gamma=self.gate.gamma,
+            window=self.gate.window,
             eps=hp.eps,
-            omega_floor=hp.omega_floor,
-            entropy_max=entropy_max,
+            omega_floor=self.gate.omega_floor,
+            entropy_max=quantities.entropy_max,  # max(H_max, 1): the gate floors it again, to the same value
         )
         # Step 13: queue the rewards; callbacks.RewardStatistics merges them after the optimizer step.
         if spec.uses_rollouts:
             self.running_reward_statistics().record(batch.rewards)
-        quantities = token_quantities(inputs, entropy_max)
         self.log_training_step(batch, loss, stats, advantages, quantities)
         return {"loss": loss, "token_quantities": quantities}
+
+    def gate_quantities(self, inputs: ObjectiveInputs, gate: GateConfig | None) -> TokenQuantities:
+        """Steps 6–8 per token, detached: ``H``, ``δ = log p_T − log p_S``, the normaliser and the gate ``ω``.
+
+        ``training_step`` calls it with the run's gate on gated objectives (``None`` otherwise: no
+        normaliser, no ``ω``); ``egrsd diagnose`` with its own on the batches it packs, so what it
+        reports is what a training step computes.
+
+        Args:
+            inputs: Objective inputs with ``teacher_entropy`` wherever ``gate`` is given.
+            gate: ``γ``, ``W`` and the floor of ``ω``, or ``None``.
+
+        Returns:
+            :class:`TokenQuantities`; ``entropy_max`` is ``max(H_max, 1 nat)`` with ``H_max`` reduced over
+            this device or, with ``--model.entropy_scope global``, all ranks; ``omega`` is ``[N, T]``.
+        """
+        if gate is None:
+            return token_quantities(inputs, None)
+        entropy_max = self.entropy_max(inputs.teacher_entropy, inputs.mask)  # []
+        omega = confidence_gate(
+            cast(Tensor, inputs.teacher_entropy).detach(),
+            inputs.mask,
+            gamma=gate.gamma,
+            window=gate.window,
+            omega_floor=gate.omega_floor,
+            entropy_max=entropy_max,
+        )  # [N, T]
+        return token_quantities(inputs, entropy_max, omega)
 
     def token_input_builders(self) -> dict[TokenInputs, InputBuilder]:
         """One small method per kind of objective input (:attr:`ObjectiveSpec.token_inputs`)."""
@@ -338,7 +372,11 @@ class EGRSDModule(L.LightningModule):
         if teacher_entropy is None:
             raise ValueError(f"--model.objective {self.hparams.objective!r} gates by entropy but has none")
         local = masked_max(teacher_entropy, mask)  # []
-        if self.hparams.entropy_scope == "global" and self.trainer.world_size > 1:
+        if (
+            self.hparams.entropy_scope == "global"
+            and self._trainer is not None
+            and self.trainer.world_size > 1
+        ):
             return self.trainer.strategy.reduce(local, reduce_op="max")  # all-reduce MAX
         return local
 
@@ -430,22 +468,10 @@ class EGRSDModule(L.LightningModule):
         experiment.add_text("rollout/sample", text, self.global_step)
 
 
-def _validate(
-    objective: str, teacher: str, *, gamma: float, window: int, eps: float, omega_floor: float
-) -> None:
+def _validate(objective: str, teacher: str, *, eps: float) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"--model.objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     if OBJECTIVES[objective].moving_teacher and teacher == "frozen":
         raise ValueError(f"--model.objective {objective} needs --teacher.schedule hard_copy, not frozen")
-    if gamma < 0:
-        raise ValueError(f"--model.gamma must be >= 0, got {gamma}")
-    if window < 0:
-        raise ValueError(f"--model.window must be >= 0, got {window}")
-    if objective == "cl_egrsd" and window == 0:
-        raise ValueError("--model.objective cl_egrsd needs --model.window > 0 (paper: 3 on 4B, 5 on 8B)")
-    if objective != "cl_egrsd" and window != 0:
-        raise ValueError(f"--model.window is the look-ahead of cl_egrsd; it must be 0 for {objective!r}")
     if not 0 < eps < 1:
         raise ValueError(f"--model.eps must be in (0, 1), got {eps}")
-    if not 0 < omega_floor <= 1:
-        raise ValueError(f"--model.omega_floor must be in (0, 1], got {omega_floor}")

@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from egrsd_pl.callbacks.diagnostics import MechanismDiagnostics
-from egrsd_pl.cli import build_cli
-from egrsd_pl.diagnostics import main as diagnose
-from egrsd_pl.diagnostics.command import load_module
+from egrsd_pl.cli import build_cli, parse_run
+from egrsd_pl.diagnostics import main as run_diagnose
+from egrsd_pl.diagnostics.command import load_module, prepare_module, score_batch
+from egrsd_pl.diagnostics.options import add_arguments, resolve_settings
+from egrsd_pl.losses import GateConfig
+from egrsd_pl.problem_sources import load_problems
+from egrsd_pl.stats import RunningRewardStats
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def diagnose(args: list[str]) -> int:
+    """``egrsd diagnose ARGS`` in this process (the CLI hands the diagnostics its parser)."""
+    return run_diagnose(args, parse_run=parse_run)
+
+
+def _reject(name: str) -> Any:
+    raise ValueError(f"not JSON: {name}")
+
+
+def strict_load(text: str) -> Any:
+    """What ``JSON.parse`` accepts: Python's parser with ``NaN`` / ``Infinity`` refused."""
+    return json.loads(text, parse_constant=_reject)
+
+
 DIAG_SCALARS = {f"diag/{name}_frac" for name in ("lock", "fork", "pivot", "mid")} | {
     f"diag/restore_{name}" for name in ("lock", "fork", "pivot", "mid")
 }
@@ -92,7 +116,7 @@ def test_callback_is_off_by_default_and_refuses_objectives_without_entropy():
 
     with pytest.raises(ValueError, match="--diagnostics.enabled needs an objective with teacher entropy"):
         MechanismDiagnostics(enabled=True).setup(None, _Module(), "fit")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="--tau_low / --tau_high"):
+    with pytest.raises(ValueError, match="--diagnostics.tau_low / --diagnostics.tau_high"):
         MechanismDiagnostics(tau_low=0.5, tau_high=0.2)
 
 
@@ -105,9 +129,9 @@ def test_checkpoint_adapter_loads_from_the_ckpt_and_from_the_peft_folder(fitted,
     ckpt = _checkpoint(root)
     saved = {k: v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items() if "lora_B" in k}
     assert any(bool(v.abs().sum() > 0) for v in saved.values())  # training moved the zero-initialised B
-    config = ROOT / "configs" / "tiny.yaml"
-    from_ckpt = load_module(config, ckpt, str(tiny_model_dir))
-    from_folder = load_module(config, ckpt.with_name(ckpt.stem + "_adapter"), str(tiny_model_dir))
+    base = ["--config", TINY, "--model.model_name_or_path", str(tiny_model_dir)]
+    from_ckpt = load_module([*base, "--ckpt_path", str(ckpt)], parse_run)
+    from_folder = load_module([*base, "--ckpt_path", str(ckpt.with_name(ckpt.stem + "_adapter"))], parse_run)
     for key, value in saved.items():
         torch.testing.assert_close(from_ckpt.state_dict()[key], value, rtol=0, atol=0)
         torch.testing.assert_close(from_folder.state_dict()[key], value, rtol=0, atol=0)
@@ -132,18 +156,18 @@ def test_diagnose_on_a_checkpoint_writes_every_output(fitted, tiny_model_dir: Pa
     code = diagnose(
         [
             "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--model",
+            TINY,
+            "--model.model_name_or_path",
             str(tiny_model_dir),
             "--ckpt_path",
             str(_checkpoint(root)),
-            "--benchmarks",
-            "synthetic",
+            "--evaluation.temperature",
+            "1.0",
             "--problems",
             "3",
             "--samples",
             "2",
-            "--max_new_tokens",
+            "--evaluation.max_new_tokens",
             "24",
             "--traces",
             "2",
@@ -165,7 +189,7 @@ def test_diagnose_on_a_checkpoint_writes_every_output(fitted, tiny_model_dir: Pa
         "regimes.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    summary = json.loads((out / "diagnostics.json").read_text())
+    summary = strict_load((out / "diagnostics.json").read_text())  # every JSON it writes is strict JSON
     assert summary["completions"] == 6
     assert summary["tokens"] == sum(c["length"] for c in summary["per_completion"])
     assert sum(summary["deciles"]["counts"]) == summary["tokens"]
@@ -176,7 +200,7 @@ def test_diagnose_on_a_checkpoint_writes_every_output(fitted, tiny_model_dir: Pa
     shown = summary["html_completions"]
     assert len(shown) == 4
     assert parser.per_completion == [summary["per_completion"][i]["length"] for i in shown]
-    rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    rows = [strict_load(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     first = rows[0]
     assert len(first["tokens"]) == len(first["entropy"]) == len(first["omega_cl"]) == len(first["regime"])
     # ω^CL ≥ ω at every token (the window minimum never raises the entropy).
@@ -184,14 +208,21 @@ def test_diagnose_on_a_checkpoint_writes_every_output(fitted, tiny_model_dir: Pa
 
 
 def test_diagnose_rejects_bad_thresholds_before_loading_anything(tmp_path: Path):
-    with pytest.raises(ValueError, match="--tau_low / --tau_high need 0 <= tau_low < tau_high"):
-        diagnose(["--output", str(tmp_path), "--tau_low", "0.5", "--tau_high", "0.3"])
+    thresholds = ["--diagnostics.tau_low", "0.5", "--diagnostics.tau_high", "0.3"]
+    with pytest.raises(
+        ValueError, match="--diagnostics.tau_low / --diagnostics.tau_high need 0 <= tau_low < tau_high"
+    ):
+        diagnose(["--config", TINY, "--output", str(tmp_path), *thresholds])
     with pytest.raises(FileNotFoundError, match="--ckpt_path"):
-        diagnose(["--output", str(tmp_path), "--ckpt_path", str(tmp_path / "missing.ckpt")])
+        diagnose(["--config", TINY, "--output", str(tmp_path), "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    with pytest.raises(ValueError, match="--samples must be >= 1 or null, got 0"):
+        diagnose(["--config", TINY, "--output", str(tmp_path), "--samples", "0"])
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 class _RecordingModule:
-    hparams = {"objective": "egrsd", "gamma": 0.3, "window": 0, "omega_floor": 0.1}
+    hparams = {"objective": "egrsd"}
+    gate = GateConfig()  # what EGRSDModule builds from --model.gamma / window / omega_floor
 
     def __init__(self) -> None:
         self.logged: dict[str, float] = {}
@@ -234,3 +265,121 @@ def test_callback_scalars_on_a_hand_built_step_and_on_an_empty_mask():
     callback.on_train_batch_end(_Trainer(), empty, _step_outputs(entropy, ~mask), None, 0)  # type: ignore[arg-type]
     assert set(empty.logged) == set(logged)
     assert all(value == 0.0 for value in empty.logged.values())
+
+
+def _tokens(out: Path) -> list[dict[str, Any]]:
+    return [strict_load(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+
+
+def test_diagnose_reads_the_config_like_fit_and_stacked_overrides_change_the_gate(tmp_path: Path):
+    # The README's command, as a user types it (plus a problem count, to stay fast): the testbed model, the
+    # synthetic benchmark, K 1, greedy, 192 new tokens, γ 0.3 and the gate floor of configs/tiny.yaml.
+    out = tmp_path / "d"
+    command = [
+        sys.executable,
+        "main.py",
+        "diagnose",
+        "--config",
+        TINY,
+        "--output",
+        str(out),
+        "--problems",
+        "2",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = strict_load((out / "diagnostics.json").read_text())["settings"]
+    assert [b["name"] for b in settings["benchmarks"]] == ["synthetic"] and settings["problems"] == 2
+    assert settings["sampling"] == {
+        "temperature": 0.0,
+        "top_p": 0.95,
+        "top_k": -1,
+        "max_new_tokens": 192,
+        "num_rollouts": 1,
+        "seed": 0,
+    }
+    # γ 0.3 and floor 0.1 from model:, W 5 (tiny.yaml is EGRSD, W 0), a training step's 32 completions.
+    assert (settings["gamma"], settings["window"], settings["omega_floor"]) == (0.3, 5, 0.1)
+    assert (settings["batch_size"], settings["device"]) == (32, "cpu")
+
+    # A second --config on top (as `fit` stacks them) and a dotted override.
+    stacked = tmp_path / "gamma.yaml"
+    stacked.write_text("model:\n  gamma: 0.5\n")
+    other = tmp_path / "d2"
+    assert (
+        diagnose(
+            [
+                "--config",
+                TINY,
+                "--config",
+                str(stacked),
+                "--diagnostics.window",
+                "2",
+                "--output",
+                str(other),
+                "--problems",
+                "2",
+            ]
+        )
+        == 0
+    )
+    again = strict_load((other / "diagnostics.json").read_text())["settings"]
+    assert (again["gamma"], again["window"], again["omega_floor"]) == (0.5, 2, 0.1)
+    first, second = _tokens(out), _tokens(other)
+    assert [r["tokens"] for r in first] == [r["tokens"] for r in second]  # greedy: the same completions
+    changed = 0
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(torch.tensor(a["entropy"]), torch.tensor(b["entropy"]), rtol=0, atol=1e-6)
+        hat = torch.tensor(b["entropy_hat"])
+        # ω = clip(1 − γĤ, 0.1, 1) at γ 0.5; the first run's at γ 0.3.
+        torch.testing.assert_close(
+            torch.tensor(b["omega"]), (1 - 0.5 * hat).clamp(0.1, 1.0), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            torch.tensor(a["omega"]), (1 - 0.3 * hat).clamp(0.1, 1.0), rtol=0, atol=1e-6
+        )
+        changed += int((torch.tensor(a["omega"]) - torch.tensor(b["omega"])).abs().gt(1e-3).sum())
+    assert changed > 0
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
+def test_diagnose_scores_a_batch_exactly_as_the_training_step_does(tiny_model_dir: Path, tmp_path: Path):
+    config, init = parse_run(
+        [
+            "--config",
+            TINY,
+            "--model.model_name_or_path",
+            str(tiny_model_dir),
+            "--data.train_source",
+            "synthetic:3",
+            "--data.batch_size",
+            "3",
+            "--data.max_new_tokens",
+            "16",
+            "--output",
+            str(tmp_path),
+        ],
+        add_arguments,
+    )
+    settings = resolve_settings(config, init)
+    module, datamodule = prepare_module(init, settings)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0 (student = teacher, δ = 0): make the adapter matter
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    module.reward_statistics = RunningRewardStats()  # what callbacks.RewardStatistics hands over
+    batch = datamodule.make_batch(load_problems("synthetic:3"), module, step=0, seed=0)
+    datamodule.teardown("fit")
+    trained = module.training_step(batch, 0)["token_quantities"]
+    owners = [batch.problems[r.prompt_index] for r in batch.rollouts]
+    diagnosed = score_batch(module, datamodule, owners, batch.rollouts, settings.gate)
+    mask = trained.mask
+    assert torch.equal(diagnosed.mask, mask) and int(mask.sum()) > 10
+    assert settings.gate.gamma == module.gate.gamma == 0.3
+    for field in ("teacher_entropy", "delta", "omega"):
+        expected, actual = getattr(trained, field), getattr(diagnosed, field)
+        assert torch.equal(actual[mask], expected[mask]), field
+    assert torch.equal(diagnosed.entropy_max, trained.entropy_max)
+    assert float(trained.delta[mask].abs().max()) > 1e-3  # the two models differ: δ is not trivially 0
+    assert float(trained.omega[mask].min()) < 1.0  # and the gate acts

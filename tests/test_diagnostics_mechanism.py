@@ -90,7 +90,7 @@ def test_regime_stats_on_an_empty_mask_is_zero_not_nan() -> None:
 
 def test_thresholds_are_validated() -> None:
     entropy, mask = _batch()
-    with pytest.raises(ValueError, match="--tau_low / --tau_high"):
+    with pytest.raises(ValueError, match="--diagnostics.tau_low / --diagnostics.tau_high"):
         classify_regimes(entropy, entropy, mask, tau_low=0.4, tau_high=0.3)
 
 

@@ -4,7 +4,6 @@ Pareto frontier)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from egrsd_pl.compare.significance import (
     choose_reference,
     differences_json,
 )
+from egrsd_pl.json_files import write_json
 
 
 def format_stat(value: SeedStat, digits: int = 2, *, thousands: bool = False) -> str:
@@ -302,7 +302,7 @@ def write_comparison(
     data["differences"] = {r.name: differences_json(summaries, r) for r in references if r is not None}
     if snapshots is not None:
         data["snapshots"] = snapshots_json(snapshots)
-    paths["json"].write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_json(paths["json"], data)
     if any(s.runs for s in summaries):
         paths["plot"] = out / "frontier.png"
         frontier_figure(summaries).savefig(paths["plot"])

@@ -42,6 +42,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from egrsd_pl.compare.methods import Method
+from egrsd_pl.json_files import write_json
 
 FIT_DEFAULTS = ["--evaluation.every_n_steps", "0", "--evaluation.at_end", "false"]
 """Arguments of every ``fit`` right after the base config: the comparison evaluates once, with ``validate``
@@ -257,7 +258,7 @@ def execute(plan: Plan, runs: Sequence[Run], *, progress: bool = True) -> list[t
     try:
         for run in pending:
             run.directory.mkdir(parents=True, exist_ok=True)
-            run.settings_path.write_text(json.dumps(plan.settings(run), indent=2) + "\n")
+            write_json(run.settings_path, plan.settings(run))
             previous: list[str] | None = None
             while steps := plan.pending_commands(run):
                 kind, command = steps[0]

@@ -1,43 +1,59 @@
 """``egrsd diagnose``: the paper's §5.5 mechanism diagnostics on the base model or any checkpoint.
 
-Samples completions from the checkpoint's student on held-out benchmark problems, scores them with the
-student and with the adapter-disabled teacher behind the privileged prompt (the module's own model
-loading, packing and chunked vocabulary reductions), computes per token ``H``, ``Ĥ``, ``Ĥ^CL``,
-``δ = log p_T − log p_S``, ``ω`` and ``ω^CL`` with the training code's functions, and writes
-``diagnostics.json``, ``tokens.jsonl``, ``deciles.md``/``.png`` (Fig. 4a), ``regimes.md``/``.png``
-(Fig. 4b), ``traces/*.png`` (Fig. A4) and ``tokens.html`` (Fig. 3) into ``--output``.
+``egrsd diagnose --config configs/tiny.yaml --output d`` reads the run's config with ``fit``'s own parser
+(stacked ``--config`` files, every ``--model.*`` / ``--data.*`` / ``--evaluation.*`` / ``--diagnostics.*``
+/ ``--trainer.*`` override), plus its own options (:func:`add_arguments`). It samples completions from the
+checkpoint's student on the held-out benchmarks of ``--evaluation.*`` with the run's rollout engine, packs
+them behind the student and the teacher prompt with :meth:`RolloutDataModule.pack_rollouts` and computes
+``H``, ``δ = log p_T − log p_S``, the normaliser and ``ω`` with the training step's own methods
+(:meth:`EGRSDModule.gated_teacher_inputs`, :meth:`EGRSDModule.gate_quantities`), then ``Ĥ``, ``Ĥ^CL`` and
+``ω^CL`` with :func:`~egrsd_pl.diagnostics.mechanism.token_gates`. It writes ``diagnostics.json``,
+``tokens.jsonl``, ``deciles.md``/``.png`` (Fig. 4a), ``regimes.md``/``.png`` (Fig. 4b), ``traces/*.png``
+(Fig. A4) and ``tokens.html`` (Fig. 3) into ``--output``.
+
+Every default comes from the config: the benchmarks (``--evaluation.benchmarks``, ``bench_dir``), K
+(``--evaluation.k``, or ``--samples``), temperature, top-p/k, the completion cap and the seed
+(``--evaluation.*``), ``γ`` and the ``ω`` floor (``--model.*``, or ``--diagnostics.gamma``), ``W``
+(``--model.window``, 5 when it is 0, or ``--diagnostics.window``), ``τ_low`` / ``τ_high``
+(``--diagnostics.*``), the completions per normaliser (``--data.batch_size`` × ``--data.num_rollouts``, a
+training step's batch) and the device (``--trainer.accelerator``). The paper's diagnostic set is
+``--evaluation.benchmarks '[aime24, aime25, hmmt25, minerva]'``.
 
 Decision (proxy reference solution; the paper conditions its diagnostic teacher on one without defining
 it): the benchmark's own ``solution`` column where the file has one (MATH-500, GSM8K, the synthetic
 testbed), else ``The final answer is \\boxed{<gold>}.``.
 
 Decision (normaliser): ``Ĥ`` divides by the raw-entropy maximum of each group of ``--batch_size``
-completions (floored at 1 nat), as a training step does on a per-device batch (paper: 4).
+completions (floored at 1 nat), as a training step does on its per-device batch (paper: 4).
 
-Decision (teacher): the adapter-disabled base (the paper's frozen teacher), whatever the run's schedule.
+Decision (teacher): the adapter-disabled base (the paper's frozen teacher) behind the privileged
+reference prompt, whatever the run's teacher schedule and objective.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from egrsd_pl.diagnostics import mechanism, report
-from egrsd_pl.evaluation import PAPER_BENCHMARKS, Benchmark, resolve_benchmark
-from egrsd_pl.losses import student_token_logprobs, teacher_token_stats
+from egrsd_pl.diagnostics.options import Settings, add_arguments, resolve_settings
+from egrsd_pl.evaluation import PAPER_BENCHMARKS, Benchmark, longest_prompt_tokens, resolve_benchmark
+from egrsd_pl.json_files import dumps, write_json
+from egrsd_pl.losses import GateConfig
 from egrsd_pl.problem import Problem
 from egrsd_pl.problem_sources import DatasetError, load_problems
-from egrsd_pl.prompts import pack_completions
-from egrsd_pl.rollout.base import Rollout, SamplingConfig
+from egrsd_pl.rollout.base import Rollout, check_sequence_fits, model_context_length
+from egrsd_pl.teacher import Teacher
 
-PAPER_DIAGNOSTIC_BENCHMARKS = "aime24,aime25,hmmt25,minerva"
+ParseRun = Callable[[list[str], Callable[[Any], None]], tuple[Any, Any]]
+"""``(argv, add_arguments) -> (config, instantiated)``: ``fit``'s parser with a tool's options, handed in by
+the composition root (:func:`egrsd_pl.cli.parse_run`; the package never imports the CLI)."""
 
 
 class Completion(NamedTuple):
@@ -49,111 +65,42 @@ class Completion(NamedTuple):
     rollout: Rollout
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="egrsd diagnose",
-        description="Mechanism diagnostics (paper §5.5): entropy deciles (Fig. 4a), lock/fork/pivot regimes "
-        "and CL-EGRSD's pivot restore (Fig. 4b), per-token traces (Fig. A4) and a token page (Fig. 3).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = parser.add_argument
-    add("--config", type=Path, help="the run's YAML (its model: section builds the module)")
-    add(
-        "--ckpt_path", type=Path, help="a Lightning .ckpt or its PEFT adapter folder; omitted: the base model"
-    )
-    add("--model", help="override model.model_name_or_path (e.g. testbed:tiny)")
-    add("--output", type=Path, required=True, help="folder for the reports (created)")
-    add("--gamma", type=float, default=0.3, help="gate strength γ of ω and ω^CL")
-    add("--window", type=int, default=5, help="look-ahead W of Ĥ^CL")
-    add("--omega_floor", type=float, default=0.1, help="lower clip of both gates")
-    add("--tau_low", type=float, default=mechanism.DEFAULT_TAU_LOW, help="lock / resolved threshold on Ĥ")
-    add("--tau_high", type=float, default=mechanism.DEFAULT_TAU_HIGH, help="uncertain threshold on Ĥ")
-    add("--benchmarks", default=PAPER_DIAGNOSTIC_BENCHMARKS, help="comma-separated: names or name=file")
-    add("--bench_dir", type=Path, help="folder of <name>.jsonl benchmark copies; omitted: the hub")
-    add("--problems", type=int, default=None, help="first N problems of each benchmark; all when omitted")
-    add("--samples", type=int, default=4, help="completions per problem")
-    add("--temperature", type=float, default=1.0, help="sampling temperature (paper evaluation: 1.0)")
-    add("--top_p", type=float, default=0.95, help="nucleus mass")
-    add("--top_k", type=int, default=-1, help="-1 disables")
-    add("--max_new_tokens", type=int, default=4096, help="completion cap in tokens")
-    add("--seed", type=int, default=0, help="sampling seed (offset per generate call)")
-    add("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine for the sampling")
-    add("--prompts_per_call", type=int, default=16, help="problems per generate call (progress granularity)")
-    add("--batch_size", type=int, default=4, help="completions per forward pass and per entropy normaliser")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of the model")
-    add("--traces", type=int, default=4, help="trace plots: the completions with the most pivots")
-    add("--trace_tokens", type=int, default=300, help="tokens per trace (the window with the most pivots)")
-    add("--html_completions", type=int, default=8, help="completions on tokens.html (most pivots first)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, parse_run: ParseRun | None = None) -> int:
     """Runs the diagnostics; flags and data are checked before the model loads. Returns the exit code."""
-    args = build_parser().parse_args(argv)
-    validate(args)
-    problems = load_diagnostic_problems(args.benchmarks, args.bench_dir, args.problems)
-    module = load_module(args.config, args.ckpt_path, args.model)
-    module.to(args.device)
-    rollouts = sample(module, problems, args)
-    views, totals = score(module, problems, rollouts, args)
-    write_outputs(args, module, problems, rollouts, views, totals)
-    print(f"diagnostics written to {args.output}")
-    print((args.output / "regimes.md").read_text())
+    if parse_run is None:
+        raise ValueError(
+            "egrsd diagnose reads fit's config: run it as `egrsd diagnose` (or `python main.py diagnose`)"
+        )
+    config, init = parse_run(list(argv or []), add_arguments)
+    settings = resolve_settings(config, init)
+    problems = load_diagnostic_problems(settings.benchmarks, settings.bench_dir, settings.problems)
+    module, datamodule = prepare_module(init, settings)
+    rollouts = sample(module, datamodule, problems, settings)
+    views, totals = score(module, datamodule, problems, rollouts, settings)
+    write_outputs(settings, module, problems, rollouts, views, totals)
+    print(f"diagnostics written to {settings.output}")
+    print((settings.output / "regimes.md").read_text())
     return 0
 
 
-def validate(args: argparse.Namespace) -> None:
-    """One error line per bad flag, before any model is loaded."""
-    mechanism.check_regime_thresholds(args.tau_low, args.tau_high)
-    if args.gamma < 0:
-        raise ValueError(f"--gamma must be >= 0, got {args.gamma}")
-    if args.window < 1:
-        raise ValueError(f"--window must be >= 1 (Ĥ^CL needs a look-ahead), got {args.window}")
-    for flag in ("samples", "batch_size", "prompts_per_call", "max_new_tokens", "trace_tokens"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("traces", "html_completions"):
-        if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if args.problems is not None and args.problems < 1:
-        raise ValueError(f"--problems must be >= 1, got {args.problems}")
-    if args.config is not None and not args.config.is_file():
-        raise FileNotFoundError(f"--config {args.config}: no such file")
-    if args.ckpt_path is not None and not args.ckpt_path.exists():
-        raise FileNotFoundError(f"--ckpt_path {args.ckpt_path}: no such file or folder")
-    SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-
-
 # ------------------------------------------------------------------------------------------- the model
-def model_arguments(config: Path | None, ckpt_path: Path | None) -> dict[str, Any]:
-    """``EGRSDModule`` arguments: the YAML's ``model:`` section, else the .ckpt's hyper-parameters."""
-    if config is not None:
-        section = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"--config {config}: 'model' must be a mapping")
-        return dict(section.get("init_args", section))
-    if ckpt_path is not None and ckpt_path.is_file():
-        return dict(_read_checkpoint(ckpt_path).get("hyper_parameters", {}))
-    return {}
-
-
-def load_module(config: Path | None, ckpt_path: Path | None, model: str | None) -> Any:
-    """The run's module with its student adapter loaded (``ckpt_path``) and a frozen teacher, in eval mode."""
-    from egrsd_pl.module import EGRSDModule
-
-    arguments = model_arguments(config, ckpt_path)
-    if model is not None:
-        arguments["model_name_or_path"] = model
-    arguments["teacher"] = "frozen"  # Decision (module docstring): the adapter-disabled teacher
-    try:
-        module = EGRSDModule(**arguments)
-    except TypeError as error:  # an unknown key in the model section
-        raise ValueError(f"--config {config}: model section: {error}") from None
+def prepare_module(init: Any, settings: Settings) -> tuple[Any, Any]:
+    """The config's module with its student adapter loaded (``--ckpt_path``) and the adapter-disabled teacher
+    (Decision in the module docstring), in eval mode on the device; and the config's DataModule."""
+    module = init.model
+    module.teacher = Teacher("frozen")
     module.configure_model()
-    if ckpt_path is not None:
-        load_adapter(module, ckpt_path)
+    if settings.ckpt_path is not None:
+        load_adapter(module, settings.ckpt_path)
     module.policy.eval()
-    return module
+    module.to(settings.device)
+    return module, init.data
+
+
+def load_module(args: list[str], parse_run: ParseRun) -> Any:
+    """The module ``egrsd diagnose <args>`` diagnoses (``--ckpt_path`` loaded), without sampling anything."""
+    config, init = parse_run([*args, "--output", "unused"], add_arguments)
+    return prepare_module(init, resolve_settings(config, init))[0]
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -210,13 +157,15 @@ def proxy_reference(problem: Problem) -> str:
 
 
 def load_diagnostic_problems(
-    names: str, bench_dir: Path | None, limit: int | None
+    benchmarks: list[Benchmark | str], bench_dir: str | None, limit: int | None
 ) -> dict[str, list[Problem]]:
-    """``{benchmark: problems}`` with their solution column when the source has one."""
+    """``{benchmark: problems}`` with their solution column when the source has one; ``limit`` (``--problems``)
+    replaces each benchmark's own."""
     loaded: dict[str, list[Problem]] = {}
-    for item in filter(None, (part.strip() for part in names.split(","))):
-        name, _, source = item.partition("=")
-        benchmark = resolve_benchmark(Benchmark(name=name, source=source or None, limit=limit), bench_dir)
+    for item in benchmarks:
+        benchmark = resolve_benchmark(item, bench_dir)
+        if limit is not None:
+            benchmark = dataclasses.replace(benchmark, limit=limit)
         assert benchmark.source is not None
         common = dict(
             split=benchmark.split,
@@ -233,93 +182,110 @@ def load_diagnostic_problems(
             problems = load_problems(benchmark.source, solution_column=None, **common)  # type: ignore[arg-type]
         if benchmark.source == PAPER_BENCHMARKS["gsm8k"].hub_id:
             problems = [dataclasses.replace(p, answer=p.answer.split("####")[-1].strip()) for p in problems]
-        loaded[name] = problems
+        loaded[benchmark.name] = [dataclasses.replace(p, solution=proxy_reference(p)) for p in problems]
     if not loaded:
-        raise ValueError("--benchmarks names no benchmark")
+        raise ValueError("--evaluation.benchmarks names no benchmark")
     return loaded
 
 
 # ------------------------------------------------------------------------------------ sample and score
-def sample(module: Any, problems: dict[str, list[Problem]], args: argparse.Namespace) -> list[Completion]:
-    """A :class:`Completion` for ``--samples`` completions of every problem."""
-    if args.engine == "vllm":
-        from egrsd_pl.rollout.vllm import VLLMEngine
-
-        engine: Any = VLLMEngine()
-    else:
-        from egrsd_pl.rollout.hf import HFGenerateEngine
-
-        engine = HFGenerateEngine(batch_size=args.prompts_per_call)
-    engine.setup(module.policy, module.tokenizer, model_path=module.model_path, seed=args.seed)
+def sample(
+    module: Any, datamodule: Any, problems: dict[str, list[Problem]], settings: Settings
+) -> list[Completion]:
+    """K completions of every problem from the run's rollout engine, after the same length check as the
+    avg@K evaluation (the longest prompt plus ``--evaluation.max_new_tokens`` must fit)."""
+    builder, sampling = module.prompt_builder, settings.sampling
+    engine = datamodule.engine
+    longest = longest_prompt_tokens(builder, problems)
+    check_sequence_fits(
+        longest,
+        sampling.max_new_tokens,
+        model_context=model_context_length(module.policy),
+        engine_limit=engine.max_sequence_length(),
+        new_tokens_flag="--evaluation.max_new_tokens",
+        prompt_name="the longest diagnosed prompt",
+    )
+    engine.reserve_length(longest + sampling.max_new_tokens)
+    datamodule.ensure_engine(module)
     engine.sync_policy(module.policy, 0)
-    builder = module.prompt_builder
+    per_call = settings.prompts_per_call
     chunks = [
-        (name, start, items[start : start + args.prompts_per_call])
+        (name, start, items[start : start + per_call])
         for name, items in problems.items()
-        for start in range(0, len(items), args.prompts_per_call)
+        for start in range(0, len(items), per_call)
     ]
     rollouts: list[Completion] = []
     bar = tqdm(total=sum(len(items) for items in problems.values()), desc="sample", unit="problem")
     try:
         for call, (name, start, chunk) in enumerate(chunks):
-            sampling = SamplingConfig(
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                num_rollouts=args.samples,
-                seed=args.seed * 1_000_003 + call,
+            seed = None if sampling.seed is None else sampling.seed * 1_000_003 + call
+            generated = engine.generate(
+                [builder.student_prompt_ids(p.problem) for p in chunk],
+                dataclasses.replace(sampling, seed=seed),
             )
-            generated = engine.generate([builder.student_prompt_ids(p.problem) for p in chunk], sampling)
-            k = args.samples
+            k = sampling.num_rollouts
             rollouts += [Completion(name, start + r.prompt_index, j % k, r) for j, r in enumerate(generated)]
             bar.update(len(chunk))
     finally:
         bar.close()
-        engine.close()
+        datamodule.teardown("fit")
     return rollouts
 
 
 @torch.no_grad()
+def score_batch(
+    module: Any, datamodule: Any, owners: list[Problem], rollouts: list[Rollout], gate: GateConfig
+) -> Any:
+    """Per-token ``(mask, H, δ, normaliser, ω)`` of one batch, the training step's way.
+
+    Packs the completions behind both prompts (:meth:`RolloutDataModule.pack_rollouts`, the privileged
+    reference prompt) and runs :meth:`EGRSDModule.gated_teacher_inputs` and
+    :meth:`EGRSDModule.gate_quantities` with the EGRSD gate (``W = 0``) of ``gate``.
+
+    Returns:
+        The :class:`~egrsd_pl.losses.TokenQuantities` of the batch.
+    """
+    rows = [dataclasses.replace(r, prompt_index=i) for i, r in enumerate(rollouts)]  # owners[i] is row i's
+    zeros = torch.zeros(len(rows))
+    batch = datamodule.pack_rollouts(
+        owners, rows, module, rewards=zeros, correct=zeros.bool(), teacher_prompt="reference"
+    ).to(module.device)
+    inputs = module.gated_teacher_inputs(batch, None)
+    return module.gate_quantities(inputs, dataclasses.replace(gate, window=0))
+
+
+@torch.no_grad()
 def score(
-    module: Any, problems: dict[str, list[Problem]], rollouts: list[Completion], args: argparse.Namespace
+    module: Any,
+    datamodule: Any,
+    problems: dict[str, list[Problem]],
+    rollouts: list[Completion],
+    settings: Settings,
 ) -> tuple[list[report.CompletionView], dict[str, torch.Tensor]]:
-    """Student and teacher over every completion, ``--batch_size`` at a time: per-completion views and flat tensors."""
-    builder, tokenizer = module.prompt_builder, module.tokenizer
-    pad_id, chunk = tokenizer.pad_token_id, module.hparams.logit_chunk_size
-    weight = module.policy.get_output_embeddings().weight  # [V, D]
+    """Every completion, ``--batch_size`` at a time: per-completion views and flat per-token tensors."""
+    tokenizer, gate = module.tokenizer, settings.gate
     views: list[report.CompletionView] = []
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy", "gap", "omega", "regime", "restore")}
-    for start in tqdm(range(0, len(rollouts), args.batch_size), desc="score", unit="batch"):
-        batch = rollouts[start : start + args.batch_size]
+    for start in tqdm(range(0, len(rollouts), settings.batch_size), desc="score", unit="batch"):
+        batch = rollouts[start : start + settings.batch_size]
         owners = [problems[c.benchmark][c.problem_index] for c in batch]
-        completions = [list(c.rollout.completion_ids) for c in batch]
-        student = pack_completions(
-            [builder.student_prompt_ids(p.problem) for p in owners], completions, pad_id=pad_id
-        )
-        teacher = pack_completions(
-            [builder.teacher_prompt_ids(p.problem, proxy_reference(p)) for p in owners],
-            completions,
-            pad_id=pad_id,
-        )
-        student, teacher = (
-            type(student)(*(t.to(module.device) for t in packed)) for packed in (student, teacher)
-        )
-        mask = student.completion_mask  # [B, T]
-        student_logp = student_token_logprobs(
-            module.completion_hidden(student), weight, student.completion_ids, chunk_size=chunk, mask=mask
-        )  # [B, T]
-        with module.teacher.weights():
-            teacher_hidden = module.completion_hidden(teacher)  # [B, T, D]
-        teacher_logp, entropy = teacher_token_stats(
-            teacher_hidden, weight, student.completion_ids, chunk_size=chunk, mask=mask
-        )  # [B, T], [B, T]
-        gap = teacher_logp - student_logp  # [B, T] δ
+        quantities = score_batch(module, datamodule, owners, [c.rollout for c in batch], gate)
+        mask, entropy, gap = quantities.mask, quantities.teacher_entropy, quantities.delta  # [B, T] each
         gates = mechanism.token_gates(
-            entropy, mask, gamma=args.gamma, window=args.window, omega_floor=args.omega_floor
-        )
+            entropy,
+            mask,
+            gamma=gate.gamma,
+            window=gate.window,
+            omega_floor=gate.omega_floor,
+            entropy_max=quantities.entropy_max,
+        )  # Ĥ, Ĥ^CL, ω^CL; ω as the module computed it
+        gates = gates._replace(omega=quantities.omega, restore=gates.omega_cl - quantities.omega)
         regime = mechanism.classify_regimes(
-            gates.entropy_hat, gates.entropy_cl_hat, mask, tau_low=args.tau_low, tau_high=args.tau_high
+            gates.entropy_hat,
+            gates.entropy_cl_hat,
+            mask,
+            tau_low=settings.tau_low,
+            tau_high=settings.tau_high,
         )  # [B, T]
         values = {
             "entropy": entropy,
@@ -346,44 +312,47 @@ def score(
 
 # ------------------------------------------------------------------------------------------- the outputs
 def write_outputs(
-    args: argparse.Namespace,
+    settings: Settings,
     module: Any,
     problems: dict[str, list[Problem]],
     rollouts: list[Completion],
     views: list[report.CompletionView],
     flat: dict[str, torch.Tensor],
 ) -> None:
-    out: Path = args.output
+    out, gate = settings.output, settings.gate
     (out / "traces").mkdir(parents=True, exist_ok=True)
     row = torch.ones(1, flat["entropy"].numel(), dtype=torch.bool)  # [1, M] every token is a completion token
     deciles = mechanism.entropy_deciles(flat["entropy"][None], flat["gap"][None], flat["omega"][None], row)
     regimes = mechanism.regime_stats(flat["regime"][None], flat["restore"][None])
     (out / "deciles.md").write_text(report.decile_table(deciles) + "\n")
-    report.decile_figure(deciles, gamma=args.gamma).savefig(out / "deciles.png")
+    report.decile_figure(deciles, gamma=gate.gamma).savefig(out / "deciles.png")
     table = report.regime_table(
-        regimes, tau_low=args.tau_low, tau_high=args.tau_high, gamma=args.gamma, window=args.window
+        regimes, tau_low=settings.tau_low, tau_high=settings.tau_high, gamma=gate.gamma, window=gate.window
     )
     (out / "regimes.md").write_text(table + "\n")
     report.regime_figure(regimes).savefig(out / "regimes.png")
     ranked = sorted(range(len(views)), key=lambda i: -sum(c == mechanism.PIVOT for c in views[i].regime))
     traces = []
-    for rank, index in enumerate(ranked[: args.traces]):
+    for rank, index in enumerate(ranked[: settings.traces]):
         view = views[index]
         flags = torch.tensor([c == mechanism.PIVOT for c in view.regime], dtype=torch.bool)
-        begin = mechanism.densest_window(flags, args.trace_tokens)
+        begin = mechanism.densest_window(flags, settings.trace_tokens)
         path = out / "traces" / f"trace_{rank + 1:02d}.png"
-        report.trace_figure(view, start=begin, length=args.trace_tokens, window=args.window).savefig(path)
+        report.trace_figure(view, start=begin, length=settings.trace_tokens, window=gate.window).savefig(path)
         traces.append({"file": str(path.relative_to(out)), "completion": index, "start": begin})
-    shown = ranked[: args.html_completions]
-    header = f"γ {args.gamma}, W {args.window}, τ_low {args.tau_low}, τ_high {args.tau_high}; checkpoint {args.ckpt_path or 'base model'}"
+    shown = ranked[: settings.html_completions]
+    header = (
+        f"γ {gate.gamma}, W {gate.window}, τ_low {settings.tau_low}, τ_high {settings.tau_high}; "
+        f"checkpoint {settings.ckpt_path or 'base model'}"
+    )
     (out / "tokens.html").write_text(
         report.tokens_html([views[i] for i in shown], header=header), encoding="utf-8"
     )
     with (out / "tokens.jsonl").open("w", encoding="utf-8") as handle:
         for view in views:
-            handle.write(json.dumps(view._asdict(), ensure_ascii=False) + "\n")
+            handle.write(dumps(view._asdict(), ensure_ascii=False) + "\n")
     summary = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings.to_json(),
         "model": module.model_path,
         "completions": len(views),
         "tokens": int(flat["entropy"].numel()),
@@ -406,4 +375,4 @@ def write_outputs(
         "traces": traces,
         "html_completions": shown,
     }
-    (out / "diagnostics.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    write_json(out / "diagnostics.json", summary)  # undefined ratios (no fork tokens) are null

@@ -26,7 +26,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from egrsd_pl.losses import causal_window_min, confidence_gate, masked_max, normalize_entropy
+from egrsd_pl.losses import (
+    DEFAULT_GATE,
+    GateConfig,
+    causal_window_min,
+    confidence_gate,
+    masked_max,
+    normalize_entropy,
+)
 from egrsd_pl.losses._checks import check_bool_mask, check_ndim, check_shape
 
 LOCK, FORK, PIVOT, MID = 0, 1, 2, 3
@@ -36,6 +43,35 @@ PADDING = -1
 """Regime code written at masked-out positions."""
 DEFAULT_TAU_LOW = 0.1
 DEFAULT_TAU_HIGH = 0.3
+DEFAULT_LOOKAHEAD = 5
+"""Look-ahead ``W`` of ``Ĥ^CL`` when the run itself has none (``egrsd``, ``rlsd``): the paper's Fig. 4b."""
+
+
+def diagnostic_gate(run: GateConfig, *, gamma: float | None = None, window: int | None = None) -> GateConfig:
+    """The gate settings of the diagnostics: the run's ``γ`` and ``ω`` floor, ``W`` of the run or 5.
+
+    Shared by the live callback (``--diagnostics.gamma`` / ``--diagnostics.window``) and ``egrsd diagnose``
+    (the same flags, read from the same config).
+
+    Args:
+        run: The run's gate (``EGRSDModule.gate``, from ``--model.gamma`` / ``window`` / ``omega_floor``).
+        gamma: Override of ``γ``; ``None``: the run's.
+        window: Override of the look-ahead ``W >= 1``; ``None``: the run's, or :data:`DEFAULT_LOOKAHEAD`
+            when it is 0.
+
+    Returns:
+        A :class:`GateConfig` with ``window >= 1`` (its ``ω`` at ``W = 0`` is EGRSD's, at ``W`` CL-EGRSD's).
+    """
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(
+            f"--diagnostics.window must be an integer >= 1 (Ĥ^CL needs a look-ahead), got {window!r}"
+        )
+    return GateConfig(
+        run.gamma if gamma is None else gamma,
+        (run.window or DEFAULT_LOOKAHEAD) if window is None else window,
+        run.omega_floor,
+        flag_prefix="--diagnostics.",
+    )
 
 
 class TokenGates(NamedTuple):
@@ -62,7 +98,7 @@ def token_gates(
     *,
     gamma: float,
     window: int,
-    omega_floor: float = 0.1,
+    omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: float | Tensor | None = None,
 ) -> TokenGates:
     """EGRSD and CL-EGRSD gates of the same tokens, and what the look-ahead restores.
@@ -128,7 +164,10 @@ def classify_regimes(
 def check_regime_thresholds(tau_low: float, tau_high: float) -> None:
     """``0 <= τ_low < τ_high``; else one error line naming the flags."""
     if not 0 <= tau_low < tau_high:
-        raise ValueError(f"--tau_low / --tau_high need 0 <= tau_low < tau_high, got {tau_low} and {tau_high}")
+        raise ValueError(
+            f"--diagnostics.tau_low / --diagnostics.tau_high need 0 <= tau_low < tau_high, got {tau_low} and "
+            f"{tau_high}"
+        )
 
 
 class RegimeStats(NamedTuple):

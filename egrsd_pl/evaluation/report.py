@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from egrsd_pl.evaluation.scoring import BenchmarkScores, EvalResult
+from egrsd_pl.json_files import dumps, write_json
 
 
 def format_table(result: EvalResult, *, title: str | None = None) -> str:
@@ -133,12 +134,12 @@ def write_report(
     paths = {"completions": out / name}
     with paths["completions"].open("w", encoding="utf-8") as handle:
         for sample in result.samples:
-            handle.write(json.dumps(sample._asdict(), ensure_ascii=False) + "\n")
+            handle.write(dumps(sample._asdict(), ensure_ascii=False) + "\n")
     if result.rank != 0:
         return paths
     paths.update(json=out / "results.json", markdown=out / "results.md", plot=out / "frontier.png")
     summary = {"label": label, "step": step, **result.summary()}
-    paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(paths["json"], summary)
     paths["markdown"].write_text(format_table(result, title=f"{label} (step {step})") + "\n")
     points = [p for p in history if p.label != label] + [
         FrontierPoint(label, step, result.avg, result.avg_len)

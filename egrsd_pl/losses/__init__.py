@@ -4,10 +4,12 @@
   (OPSD's forward, CRISP's reverse) over the full vocabulary, chunked over positions (never ``[B, T, V]`` logits).
 - :mod:`~egrsd_pl.losses.token_weights`: causal window minimum, entropy normalisation, confidence
   gate, likelihood-ratio magnitude, token advantages, masked reductions.
+- :mod:`~egrsd_pl.losses.gate`: :class:`GateConfig`, the gate's defaults and bounds, written once.
 - :mod:`~egrsd_pl.losses.objectives`: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd``,
   ``crisp`` behind one signature (:data:`OBJECTIVES`, :func:`compute_objective`).
 """
 
+from egrsd_pl.losses.gate import DEFAULT_GATE, GateConfig, check_objective_window
 from egrsd_pl.losses.objectives import (
     OBJECTIVES,
     LossStats,
@@ -45,7 +47,9 @@ from egrsd_pl.losses.token_weights import (
 from egrsd_pl.losses.vocabulary import KLDirection, student_token_logprobs, teacher_token_stats, token_kl
 
 __all__ = [
+    "DEFAULT_GATE",
     "ENTROPY_MAX_FLOOR_NATS",
+    "GateConfig",
     "KLDirection",
     "OBJECTIVES",
     "LossStats",
@@ -56,6 +60,7 @@ __all__ = [
     "TokenInputs",
     "TokenQuantities",
     "causal_window_min",
+    "check_objective_window",
     "cl_egrsd_objective",
     "compute_objective",
     "confidence_gate",

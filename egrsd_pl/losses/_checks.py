@@ -1,4 +1,8 @@
-"""Argument checks shared by the loss functions; each raises ``ValueError`` naming the argument."""
+"""Argument checks shared by the loss functions; each raises ``ValueError`` naming the argument.
+
+The one home of each bound: :class:`~egrsd_pl.losses.gate.GateConfig` calls the same checks with the
+command-line flag as the name (``--model.gamma``).
+"""
 
 from __future__ import annotations
 
@@ -27,16 +31,16 @@ def check_ndim(tensor: Tensor, ndim: int, name: str) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
 
 
-def check_gamma(gamma: float) -> None:
+def check_gamma(gamma: float, name: str = "gamma") -> None:
     """The entropy penalty strength ``γ`` of the confidence gate: ``γ >= 0``."""
     if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {gamma!r}")
 
 
-def check_window(window: int) -> None:
+def check_window(window: int, name: str = "window") -> None:
     """The causal window ``W`` of CL-EGRSD: an integer ``>= 0`` (0 disables it)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+        raise ValueError(f"{name} must be an integer >= 0, got {window!r}")
 
 
 def check_eps(eps: float) -> None:
@@ -45,10 +49,10 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
 
 
-def check_omega_floor(omega_floor: float) -> None:
-    """The lower clip of the confidence gate ``ω``: ``0 <= omega_floor <= 1``."""
+def check_omega_floor(omega_floor: float, name: str = "omega_floor") -> None:
+    """The lower clip of the confidence gate ``ω``: ``0 <= omega_floor <= 1`` (0: no floor; 1: ``ω = 1``)."""
     if not 0 <= omega_floor <= 1:
-        raise ValueError(f"omega_floor must be in [0, 1], got {omega_floor}")
+        raise ValueError(f"{name} must be in [0, 1], got {omega_floor!r}")
 
 
 def check_entropy_max(entropy_max: float | Tensor | None) -> None:

@@ -19,12 +19,10 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_gamma,
     check_ndim,
-    check_omega_floor,
     check_shape,
-    check_window,
 )
+from egrsd_pl.losses.gate import DEFAULT_GATE, GateConfig, check_objective_window
 from egrsd_pl.losses.token_weights import (
     EntropyMax,
     _confidence_gate,
@@ -81,37 +79,45 @@ class TokenQuantities(NamedTuple):
         delta: ``[B, T]`` ``δ = log p_T(y_t) − log p_S(y_t)``, or ``None``.
         entropy_max: 0-dim normaliser the gate actually divided by, ``max(H_max, 1 nat)`` after any
             all-reduce (``--model.entropy_scope global``), or ``None`` when no gate reads it.
+        omega: ``[B, T]`` confidence gate ``ω`` the step weighted each token by (1 at padding), or
+            ``None`` when no gate reads the entropy.
     """
 
     mask: Tensor
     teacher_entropy: Tensor | None
     delta: Tensor | None
     entropy_max: Tensor | None
+    omega: Tensor | None = None
 
 
-def token_quantities(inputs: ObjectiveInputs, entropy_max: Tensor | None) -> TokenQuantities:
+def token_quantities(
+    inputs: ObjectiveInputs, entropy_max: Tensor | None, omega: Tensor | None = None
+) -> TokenQuantities:
     """The :class:`TokenQuantities` of one step's objective inputs (detached).
 
     Args:
         inputs: The objective's inputs of the step.
         entropy_max: The raw entropy maximum the gate read (after any all-reduce), or ``None``.
+        omega: ``[B, T]`` the gate of the step, or ``None``.
     """
     delta = None
     if inputs.teacher_logp is not None and inputs.student_logp is not None:
         delta = (inputs.teacher_logp - inputs.student_logp).detach()  # [B, T]
     entropy = inputs.teacher_entropy.detach() if inputs.teacher_entropy is not None else None  # [B, T]
     normaliser = _entropy_normaliser(entropy_max.detach()) if entropy_max is not None else None  # []
-    return TokenQuantities(inputs.mask, entropy, delta, normaliser)
+    return TokenQuantities(
+        inputs.mask, entropy, delta, normaliser, omega.detach() if omega is not None else None
+    )
 
 
 class ObjectiveSettings(NamedTuple):
     """The hyperparameters every objective receives (validated by :func:`compute_objective`); each reads
     the ones it uses: ``objective(inputs, settings) -> (loss, stats)``."""
 
-    gamma: float = 0.3  # γ of the confidence gate
-    window: int = 0  # CL look-ahead W (cl_egrsd only)
+    gamma: float = DEFAULT_GATE.gamma  # γ of the confidence gate
+    window: int = DEFAULT_GATE.window  # CL look-ahead W (cl_egrsd only)
     eps: float = 0.2  # magnitude clip ε
-    omega_floor: float = 0.1  # lower clip of ω
+    omega_floor: float = DEFAULT_GATE.omega_floor  # lower clip of ω
     entropy_max: EntropyMax = None  # already-reduced raw entropy maximum, or None for this batch's
 
 
@@ -123,9 +129,9 @@ def egrsd_loss(
     mask: Tensor,
     *,
     gamma: float,
-    window: int = 0,
+    window: int = DEFAULT_GATE.window,
     eps: float = 0.2,
-    omega_floor: float = 0.1,
+    omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """EGRSD (``window = 0``) and CL-EGRSD (``window > 0``) loss, Algorithm 1 steps 6-11.
@@ -339,17 +345,18 @@ def compute_objective(
     name: ObjectiveName,
     inputs: ObjectiveInputs,
     *,
-    gamma: float = 0.3,
-    window: int = 0,
+    gamma: float = DEFAULT_GATE.gamma,
+    window: int = DEFAULT_GATE.window,
     eps: float = 0.2,
-    omega_floor: float = 0.1,
+    omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: EntropyMax = None,
 ) -> tuple[Tensor, LossStats]:
     """Look up the objective ``name`` in :data:`OBJECTIVES` and evaluate it.
 
     Hyperparameters an objective does not use are ignored (``rlsd`` ignores ``gamma``); all are
     validated here, once, with the shapes of the inputs; the objectives then run unchecked kernels.
-    ``window`` must be 0 except for ``cl_egrsd``, where it must be positive.
+    ``window`` must be 0 except for ``cl_egrsd``, where it must be positive
+    (:func:`~egrsd_pl.losses.gate.check_objective_window`).
 
     Returns:
         ``(loss, stats)``: 0-dim loss with gradient and detached :class:`LossStats`.
@@ -365,19 +372,16 @@ def compute_objective(
             check_shape(value, tuple(inputs.mask.shape), f"inputs.{field}")
     if inputs.advantages is not None:
         check_shape(inputs.advantages, tuple(inputs.mask.shape[:1]), "inputs.advantages")
-    if name == "cl_egrsd" and window <= 0:
-        raise ValueError(f"window must be > 0 for 'cl_egrsd', got {window}")
-    if name != "cl_egrsd" and window != 0:
-        raise ValueError(f"window must be 0 for {name!r} (use 'cl_egrsd' for a window), got {window}")
+    check_objective_window(name, window)
     spec = OBJECTIVES[name]
     return spec.loss(inputs, settings)
 
 
 def _check_settings(settings: ObjectiveSettings) -> None:
-    check_gamma(settings.gamma)
-    check_window(settings.window)
+    GateConfig(
+        settings.gamma, settings.window, settings.omega_floor, flag_prefix=""
+    )  # errors name the argument
     check_eps(settings.eps)
-    check_omega_floor(settings.omega_floor)
     check_entropy_max(settings.entropy_max)
 
 

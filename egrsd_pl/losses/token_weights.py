@@ -18,12 +18,11 @@ from egrsd_pl.losses._checks import (
     check_bool_mask,
     check_entropy_max,
     check_eps,
-    check_gamma,
     check_ndim,
-    check_omega_floor,
     check_shape,
     check_window,
 )
+from egrsd_pl.losses.gate import DEFAULT_GATE, GateConfig
 
 EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 ENTROPY_MAX_FLOOR_NATS = 1.0
@@ -151,8 +150,8 @@ def confidence_gate(
     mask: Tensor,
     *,
     gamma: float,
-    window: int = 0,
-    omega_floor: float = 0.1,
+    window: int = DEFAULT_GATE.window,
+    omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: float | Tensor | None = None,
 ) -> Tensor:
     """Confidence gate ``ω = clip(1 - γ·Ĥ, omega_floor, 1)`` (SPEC steps 6-8).
@@ -180,9 +179,7 @@ def confidence_gate(
     """
     check_ndim(teacher_entropy, 2, "teacher_entropy")
     check_bool_mask(mask, shape=tuple(teacher_entropy.shape))
-    check_gamma(gamma)
-    check_window(window)
-    check_omega_floor(omega_floor)
+    GateConfig(gamma, window, omega_floor, flag_prefix="")  # the bounds, checked in one place
     check_entropy_max(entropy_max)
     return _confidence_gate(
         teacher_entropy, mask, gamma=gamma, window=window, omega_floor=omega_floor, entropy_max=entropy_max

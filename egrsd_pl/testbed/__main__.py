@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from egrsd_pl.json_files import dumps
 from egrsd_pl.testbed.build import (
     DEFAULT_BUDGET_S,
     PACKAGED_DIR,
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(target)
         folder = ensure_testbed(args.cache_dir, **recipe)
     report = json.loads((folder / "testbed.json").read_text())
-    print(json.dumps(report, indent=2), file=sys.stderr)
+    print(dumps(report, indent=2), file=sys.stderr)
     print(folder)
     return 0
 

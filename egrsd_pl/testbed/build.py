@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 import torch
 import transformers
 
+from egrsd_pl.json_files import write_json
 from egrsd_pl.prompts import (
     DEFAULT_INSTRUCTION,
     DEFAULT_TRANSITION,
@@ -158,7 +159,7 @@ def build_testbed(
     tokenizer.save_pretrained(output)
     # Wall-clock figures are logged, never saved: the folder a build writes is the same on every run.
     report.update(torch=torch.__version__, transformers=transformers.__version__)
-    (output / _MARKER).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output / _MARKER, report)
     if "greedy_accuracy" in report:
         log(
             f"testbed: greedy accuracy {report['greedy_accuracy']:.1%}, mean completion length "

@@ -34,6 +34,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from egrsd_pl.json_files import write_json
 from egrsd_pl.prompts import DEFAULT_INSTRUCTION, DEFAULT_TRANSITION, REFERENCE_BEGIN, REFERENCE_END
 from egrsd_pl.testbed.build import exclusive_lock, testbed_options
 from egrsd_pl.testbed.qwen3_template import (
@@ -224,7 +225,7 @@ def build_qwen3_shape(output_dir: str | os.PathLike[str], *, seed: int = 0, **sh
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights": "random (for code paths and shapes, not for learning)",
     }
-    (output / _MARKER).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(output / _MARKER, report)
     return output
 
 
