@@ -39,6 +39,7 @@ from egrsd_pl.callbacks.progress import StepProgressBar
 from egrsd_pl.callbacks.reward_statistics import RewardStatistics
 from egrsd_pl.callbacks.run_summary import RunSummary
 from egrsd_pl.callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 
@@ -82,6 +83,16 @@ class EGRSDCLI(LightningCLI):
             "threads that wait for each other stall every operation",
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parses; then a ``--ckpt_path`` file that is not an intact checkpoint stops the command in one line
+        (file, damage, newest intact checkpoint beside it) before LightningCLI reads the file for its
+        hyper-parameters, which would end in torch's traceback."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            refuse_damaged_checkpoint(ckpt_path)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Checks the accelerator and sets ``--torch_threads`` before anything heavy (the module and the
         DataModule load nothing until ``fit``); adds :class:`StepProgressBar` unless the summary or the
@@ -111,6 +122,8 @@ class EGRSDCLI(LightningCLI):
             rank_zero_info(
                 "--ckpt_path last: no last.ckpt from an earlier run of this experiment, starting at step 0"
             )
+        if found is not None:
+            refuse_damaged_checkpoint(found, flag="--ckpt_path last ->")
         config["ckpt_path"] = None if found is None else str(found)
 
 
@@ -240,7 +253,9 @@ def main(args: list[str] | None = None) -> None:
             module = importlib.import_module(TOOLS[argv[0]][0])
             options = {"parse_error": parse_error} if argv[0] == "compare" else {}
             sys.exit(module.main(argv[1:], **options))
-        build_cli(argv)
+        # Only arguments handed in from Python go through `args`; a command line is LightningCLI's own
+        # sys.argv (given both, it warns on every run that `args` is meant for calls from Python).
+        build_cli(None if args is None else argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
         if os.environ.get("EGRSD_DEBUG"):
             raise

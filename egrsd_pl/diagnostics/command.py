@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.diagnostics import mechanism, report
 from egrsd_pl.evaluation import PAPER_BENCHMARKS, Benchmark, resolve_benchmark
 from egrsd_pl.losses import student_token_logprobs, teacher_token_stats
@@ -121,6 +122,8 @@ def validate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--config {args.config}: no such file")
     if args.ckpt_path is not None and not args.ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {args.ckpt_path}: no such file or folder")
+    if args.ckpt_path is not None:
+        refuse_damaged_checkpoint(args.ckpt_path)  # a truncated .ckpt: one line, not torch's traceback
     SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
 
 
