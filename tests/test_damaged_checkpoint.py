@@ -140,3 +140,24 @@ def test_a_command_line_does_not_warn_that_args_are_meant_for_python(tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model_name_or_path: testbed:tiny" in result.stdout  # the parse did happen
     assert ARGS_WARNING not in result.stderr
+
+
+def test_fit_ckpt_path_last_refuses_a_damaged_last_checkpoint_before_training(tmp_path: Path) -> None:
+    damaged, intact = write_checkpoints(tmp_path / "checkpoints")
+    result = run_main(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--checkpoint.dirpath",
+        str(tmp_path / "checkpoints"),
+        "--ckpt_path",
+        "last",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and ARGS_WARNING not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after Lightning's start-up lines (seed, devices)
+        f"error: --ckpt_path last -> {str(damaged)!r} is damaged: {TRUNCATED}; "
+        f"the newest intact checkpoint there is {str(intact)!r}"
+    )
