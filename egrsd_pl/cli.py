@@ -159,17 +159,22 @@ def build_cli(
 ) -> EGRSDCLI:
     """Builds (and by default runs) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests).
 
-    With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments.
+    With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments. ``args`` handed in from
+    Python are meant, so LightningCLI's warning that ``sys.argv`` holds arguments too (the test runner's,
+    ``egrsd compare``'s) is silenced; a command line (``main`` without ``args``) passes ``None``.
     """
-    return cli_class(
-        EGRSDModule,
-        RolloutDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        if args is not None:
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_class(
+            EGRSDModule,
+            RolloutDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
 
 
 class _ParseOnly(EGRSDCLI):

@@ -12,6 +12,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,18 @@ def test_fit_ckpt_path_last_refuses_a_damaged_last_checkpoint_before_training(tm
         f"error: --ckpt_path last -> {str(damaged)!r} is damaged: {TRUNCATED}; "
         f"the newest intact checkpoint there is {str(intact)!r}"
     )
+
+
+def test_arguments_handed_in_from_python_do_not_warn_either(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egrsd_pl.cli import EGRSDCLI, build_cli
+
+    class ParseOnly(EGRSDCLI):
+        def instantiate_classes(self) -> None:  # parse only: no model, no data
+            pass
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "tests/", "-q"])  # what LightningCLI warns about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = build_cli(["--config", "configs/tiny.yaml"], run=False, cli_class=ParseOnly).config
+    assert config.model.model_name_or_path == "testbed:tiny"
+    assert [str(w.message) for w in caught if ARGS_WARNING in str(w.message)] == []
