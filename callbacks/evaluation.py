@@ -65,7 +65,7 @@ class PeriodicEvaluation(pl.Callback):
         benchmarks: Benchmarks by short name or as :class:`~egrsd_pl.evaluation.Benchmark` (with
             ``limit`` for quick checks, ``repeats`` for independent runs reported as mean ± std);
             ``None``: the paper's six.
-        bench_dir: Folder of ``<name>.jsonl`` for short names (e.g. ``../shared/data/bench``);
+        bench_dir: Folder of ``<name>.jsonl`` for short names (e.g. ``data/bench``);
             ``None``: hub datasets.
         every_n_steps: Evaluate after every ``every_n_steps``-th optimizer step; 0 disables it.
         k: Samples per problem (paper: 4).

@@ -1,4 +1,4 @@
-"""Drives the running reward statistics ``r̄, σ_r`` of SPEC.md steps 3 and 13 across ranks."""
+"""Drives the running reward statistics ``r̄, σ_r`` of docs/algorithm.md#step-3-advantage and #step-13-update-the-reward-statistics across ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Drives the teacher schedule of SPEC.md ("Teacher update schedules", the paper's Table 7 ablation)."""
+"""Drives the teacher schedule (docs/algorithm.md#teacher-update-schedules, the paper's Table 7 ablation)."""
 
 from __future__ import annotations
 

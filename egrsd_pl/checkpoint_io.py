@@ -60,6 +60,20 @@ def newest_intact_checkpoint(folder: str | os.PathLike[str], *, excluding: Path 
     return None
 
 
+def refuse_damaged_checkpoint(path: str | os.PathLike[str], *, flag: str = "--ckpt_path") -> None:
+    """Raises :class:`DamagedCheckpointError` when ``path`` is a file but not an intact checkpoint: one line
+    naming ``flag``, the file, the damage and the newest intact checkpoint of its folder. Anything else
+    (an intact file, a folder, a missing path) passes; reads the file once, loads nothing.
+    """
+    if not Path(path).is_file() or (damage := checkpoint_damage(path)) is None:
+        return
+    newest = newest_intact_checkpoint(Path(path).parent, excluding=Path(path))
+    alternative = (
+        f"the newest intact checkpoint there is {str(newest)!r}" if newest else "no intact one is there"
+    )
+    raise DamagedCheckpointError(f"{flag} {str(path)!r} is damaged: {damage}; {alternative}")
+
+
 class AtomicCheckpointIO(CheckpointIO):
     """Writes checkpoints through ``inner`` into a temporary file renamed over the target.
 
@@ -97,14 +111,7 @@ class AtomicCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> Any:
-        if Path(path).is_file() and (damage := checkpoint_damage(path)) is not None:
-            newest = newest_intact_checkpoint(Path(path).parent, excluding=Path(path))
-            alternative = (
-                f"the newest intact checkpoint there is {str(newest)!r}"
-                if newest
-                else "no intact one is there"
-            )
-            raise DamagedCheckpointError(f"--ckpt_path {str(path)!r} is damaged: {damage}; {alternative}")
+        refuse_damaged_checkpoint(path)
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:

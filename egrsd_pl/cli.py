@@ -40,6 +40,7 @@ from egrsd_pl.callbacks.progress import StepProgressBar
 from egrsd_pl.callbacks.reward_statistics import RewardStatistics
 from egrsd_pl.callbacks.run_summary import RunSummary
 from egrsd_pl.callbacks.teacher_update import TeacherUpdate
+from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 
@@ -83,6 +84,16 @@ class EGRSDCLI(LightningCLI):
             "threads that wait for each other stall every operation",
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parses; then a ``--ckpt_path`` file that is not an intact checkpoint stops the command in one line
+        (file, damage, newest intact checkpoint beside it) before LightningCLI reads the file for its
+        hyper-parameters, which would end in torch's traceback."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            refuse_damaged_checkpoint(ckpt_path)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Checks the accelerator and sets ``--torch_threads`` before anything heavy (the module and the
         DataModule load nothing until ``fit``); adds :class:`StepProgressBar` unless the summary or the
@@ -108,6 +119,8 @@ class EGRSDCLI(LightningCLI):
             rank_zero_info(
                 "--ckpt_path last: no last.ckpt from an earlier run of this experiment, starting at step 0"
             )
+        if found is not None:
+            refuse_damaged_checkpoint(found, flag="--ckpt_path last ->")
         config["ckpt_path"] = None if found is None else str(found)
 
 
@@ -153,17 +166,22 @@ def build_cli(
 ) -> EGRSDCLI:
     """Builds (and by default runs) the CLI; ``args`` replaces ``sys.argv[1:]`` (for tests).
 
-    With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments.
+    With ``run=False`` there is no subcommand: ``args`` are ``fit``'s arguments. ``args`` handed in from
+    Python are meant, so LightningCLI's warning that ``sys.argv`` holds arguments too (the test runner's,
+    ``egrsd compare``'s) is silenced; a command line (``main`` without ``args``) passes ``None``.
     """
-    return cli_class(
-        EGRSDModule,
-        RolloutDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    with warnings.catch_warnings():
+        if args is not None:
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_class(
+            EGRSDModule,
+            RolloutDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
 
 
 class _ParseOnly(EGRSDCLI):
@@ -288,7 +306,9 @@ def main(args: list[str] | None = None) -> None:
             module = importlib.import_module(TOOLS[argv[0]][0])
             options = TOOL_OPTIONS.get(argv[0], {})
             sys.exit(module.main(argv[1:], **options))
-        build_cli(argv)
+        # Only arguments handed in from Python go through `args`; a command line is LightningCLI's own
+        # sys.argv (given both, it warns on every run that `args` is meant for calls from Python).
+        build_cli(None if args is None else argv)
     except (ValueError, FileNotFoundError, ImportError) as error:
         if os.environ.get("EGRSD_DEBUG"):
             raise

@@ -44,7 +44,7 @@ class RolloutBatch:
     Attributes:
         problems: The ``P`` problems of the batch.
         rollouts: ``N`` rollouts, prompt-major (empty for ``sft``, which trains on the reference).
-        rewards: ``[N]`` float32 length-shaped rewards (SPEC.md step 2).
+        rewards: ``[N]`` float32 length-shaped rewards (docs/algorithm.md#step-2-reward).
         correct: ``[N]`` bool verification results.
         group_ids: ``[N]`` long index of each rollout's problem in the batch (GRPO groups).
         student: Student prompt + completion, packed (``sft``: + reference solution).
@@ -356,7 +356,7 @@ class RolloutDataModule(L.LightningDataModule):
         return self.make_batch(batch, module, step=step, seed=seed).to(module.device)
 
     def make_batch(self, problems: list[Problem], module: Any, *, step: int, seed: int) -> RolloutBatch:
-        """Samples, scores and packs one batch (SPEC.md steps 1–2) for the module's objective."""
+        """Samples, scores and packs one batch (docs/algorithm.md#step-1-rollouts, step 2) for the module's objective."""
         builder: PromptBuilder = module.prompt_builder
         student_prompts = [builder.student_prompt_ids(p.problem) for p in problems]
         pad_id = module.tokenizer.pad_token_id
@@ -428,7 +428,7 @@ class RolloutDataModule(L.LightningDataModule):
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
         """Verifies each rollout and applies length shaping: ``([N] rewards, [N] correct)``.
 
-        Decision (SPEC.md step 2, truncated rollouts): a completion cut at ``L_max`` is verified like
+        Decision (docs/algorithm.md#step-2-reward, truncated rollouts): a completion cut at ``L_max`` is verified like
         any other. The verifier reads the last ``\\boxed{}`` after the last ``</think>``, so a truncated
         completion still inside its thinking, or without a closed box, has no answer and gets
         ``r = 0`` ("truncated-without-answer"); one cut after its final boxed answer was already

@@ -57,7 +57,7 @@ class EGRSDModule(L.LightningModule):
     Args:
         model_name_or_path: Base model: a local HF folder, a hub id (``Qwen/Qwen3-4B``) or
             ``testbed:tiny`` (the offline tiny Qwen3, built and cached on first use).
-        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd`` or ``crisp`` (SPEC.md).
+        objective: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd`` or ``crisp`` (docs/algorithm.md#objectives).
         gamma: Confidence-gate strength ``γ`` (paper: 0.3; 1.0 for CL-EGRSD on 8B). Ignored by
             ``rlsd``, which is ``egrsd`` at ``γ = 0``.
         window: Causal look-ahead ``W`` of ``cl_egrsd`` (paper: 3 on 4B, 5 on 8B); must be 0 for
@@ -363,7 +363,7 @@ class EGRSDModule(L.LightningModule):
     def entropy_max(self, teacher_entropy: Tensor | None, mask: Tensor) -> Tensor:
         """Raw masked entropy maximum over this device's batch or, with ``global`` scope, all ranks.
 
-        Decision (SPEC step 7, scope of "batch"): ``--model.entropy_scope device`` (default) reproduces
+        Decision (docs/algorithm.md#step-7-normalisation, scope of "batch"): ``--model.entropy_scope device`` (default) reproduces
         the paper: each device normalises by the maximum of its own minibatch (per-device batch 4), so
         the gate depends on the per-device batch size, not on the number of devices. ``global``
         all-reduces the maximum (MAX) over the ranks: a multi-device step then computes the gate of one

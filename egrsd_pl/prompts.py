@@ -4,7 +4,7 @@ The student sees the problem ``x``; the teacher sees ``x`` with the reference so
 and a transition instruction. Both prompts go through the tokenizer's own chat template and
 stay token ids from here on: a rollout's sampled ids are appended to each prompt's ids as they
 are, never decoded and re-tokenised, so the completion tokens -- and every per-token quantity of
-SPEC.md -- are aligned between student and teacher by construction.
+docs/algorithm.md#actors -- are aligned between student and teacher by construction.
 
 Decision (teacher prompt, paper App. D "a two-turn chat template consisting of a reference
 reasoning segment, a transition prompt, and the student's on-policy rollout"): the two turns are
@@ -15,7 +15,7 @@ a user / assistant(reference) / user(transition) layout would present ``s*`` as 
 earlier answer, which neither the paper nor OPSD does. The user turn starts with the student's
 problem text and ends with the student's instruction, so the teacher only *adds* context.
 
-CRISP's teacher (SPEC "CRISP") sees no solution: its prompt is the student's prompt with a
+CRISP's teacher (docs/algorithm.md#crisp) sees no solution: its prompt is the student's prompt with a
 conciseness instruction prepended (:meth:`PromptBuilder.concise_teacher_prompt_ids`).
 """
 
@@ -34,7 +34,7 @@ DEFAULT_TRANSITION = (
 REFERENCE_HEADER = "Here is a reference solution to this problem:"
 REFERENCE_BEGIN = "=== Reference Solution Begin ==="
 REFERENCE_END = "=== Reference Solution End ==="
-# Our own wording of CRISP's intent (SPEC "CRISP"); --data.crisp_instruction replaces it.
+# Our own wording of CRISP's intent (docs/algorithm.md#crisp); --data.crisp_instruction replaces it.
 DEFAULT_CONCISE_INSTRUCTION = (
     "Solve the problem concisely and correctly. Be direct: no unnecessary elaboration, no redundant "
     "steps, no restating of the problem. Write only the key reasoning steps."

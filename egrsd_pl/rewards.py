@@ -1,4 +1,4 @@
-"""Answer checking and the length-shaped reward (SPEC.md step 2).
+"""Answer checking and the length-shaped reward (docs/algorithm.md#step-2-reward).
 
 A completion is scored in five steps (:meth:`AnswerVerifier.verify_batch`):
 
@@ -126,7 +126,7 @@ def extract_boxed_answer(text: str) -> str | None:
 
 
 def length_shaped_reward(correct: bool, length: int, max_length: int, beta: float = 0.5) -> float:
-    """SPEC.md step 2: ``r = 1[correct] · (1 + β · (1 − length / max_length))``.
+    """docs/algorithm.md#step-2-reward: ``r = 1[correct] · (1 + β · (1 − length / max_length))``.
 
     Args:
         correct: Whether the completion's final boxed answer is right (none or unverifiable: ``False``).

@@ -1,4 +1,4 @@
-"""Running reward statistics (Welford) and the outcome advantage of SPEC.md step 3."""
+"""Running reward statistics (Welford) and the outcome advantage of docs/algorithm.md#step-3-advantage."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class RunningRewardStats:
         self.count = total
 
     def advantages(self, rewards: Tensor) -> Tensor:
-        """Outcome advantage ``A_i`` of SPEC.md step 3.
+        """Outcome advantage ``A_i`` of docs/algorithm.md#step-3-advantage.
 
         ``A_i = (r_i - r̄) / σ_r`` from the rewards of earlier steps; ``r_i - 0.5`` during the first
         ``warmup_steps`` optimizer steps, and whenever ``σ_r`` is 0 or undefined (the guard).

@@ -1,4 +1,4 @@
-"""The teacher of self-distillation: the student's own backbone, under one of three schedules (SPEC.md).
+"""The teacher of self-distillation: the student's own backbone, under one of three schedules (docs/algorithm.md#teacher-update-schedules).
 
 - ``frozen`` (the paper's default): the base model with the LoRA adapter disabled; no extra memory.
 - ``ema``: a second adapter ``teacher``, moved after every optimizer step by
@@ -10,7 +10,7 @@ so the state that must survive a resume sits in one object. ``callbacks.TeacherU
 after optimizer steps, as Lightning's ``WeightAveraging`` drives its average; the module only runs
 the backbone under :meth:`Teacher.weights`.
 
-Decision (SPEC "Teacher update schedules"): ``ema`` averages the LoRA factors ``A`` and ``B``
+Decision (docs/algorithm.md#teacher-update-schedules): ``ema`` averages the LoRA factors ``A`` and ``B``
 separately. ``EMA(B)·EMA(A)`` is not ``EMA(BA)``: one update differs from it by
 ``−α(1 − α)(B_T − B_S)(A_T − A_S)``, small while teacher and student stay close. In exchange the teacher
 stays a rank-``r`` LoRA adapter on the shared backbone (no second copy of the weights, exported and

@@ -245,7 +245,7 @@ def test_callback_config_parses_from_yaml() -> None:
             """
             evaluation:
               benchmarks: [aime24, {name: math500, limit: 5}, {name: aime25, repeats: 5}]
-              bench_dir: ../shared/data/bench
+              bench_dir: data/bench
               every_n_steps: 10
               k: 2
             """

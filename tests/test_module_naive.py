@@ -4,7 +4,7 @@ The module packs sequences, runs the decoder once per batch, gathers the hidden 
 completion positions and projects them to the vocabulary in chunks. The reference here runs every
 sequence on its own, unpadded, through plain transformers models (the LoRA merged into a copy of the
 base for the student; a freshly loaded base for the adapter-disabled teacher), takes the full logits
-and ``log_softmax``, and computes each objective's loss from SPEC.md's formulas with plain tensor code.
+and ``log_softmax``, and computes each objective's loss from docs/algorithm.md's formulas with plain tensor code.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def naive_kl(objective: str, student: torch.Tensor, teacher: torch.Tensor) -> to
 def naive_loss(
     objective: str, batch: RolloutBatch, student: list[torch.Tensor], teacher: list[torch.Tensor] | None
 ) -> torch.Tensor:
-    """The objective's loss from SPEC.md, token by token (float64)."""
+    """The objective's loss from docs/algorithm.md, token by token (float64)."""
     targets = [batch.student.completion_ids[i, : s.size(0)] for i, s in enumerate(student)]
     logp_s = [s.gather(-1, t[:, None])[:, 0] for s, t in zip(student, targets, strict=True)]
     tokens = sum(x.numel() for x in logp_s)

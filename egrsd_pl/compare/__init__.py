@@ -122,6 +122,7 @@ def _compare(args: argparse.Namespace, common: list[str], parse_error: ParseChec
     if not args.collect:
         check_methods(args.methods, methods, plan.base_args(), parse_error)  # before any run
         plan.check_settings(runs)
+        plan.check_checkpoints(runs)
     if args.print_commands:
         for run in runs:
             if run.status() != "done":

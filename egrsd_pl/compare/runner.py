@@ -41,6 +41,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.compare.methods import Method
 from egrsd_pl.json_files import write_json
 
@@ -232,6 +233,18 @@ class Plan:
                     f"{ {k: recorded.get(k) for k in changed} }, now { {k: current[k] for k in changed} }); "
                     "use another --output or delete that run's folder"
                 )
+
+    @staticmethod
+    def check_checkpoints(runs: Sequence[Run]) -> None:
+        """Refuses to start when the ``last.ckpt`` a pending run would resume from or evaluate is damaged.
+
+        Raises:
+            DamagedCheckpointError: One line naming the run, the file, the damage and the newest intact
+                checkpoint of its folder.
+        """
+        for run in runs:
+            if run.method.fit and run.status() in {"resume", "evaluate"}:
+                refuse_damaged_checkpoint(run.last_checkpoint, flag=f"{run.name}: checkpoint")
 
     def shell_line(self, run: Run, cwd: Path) -> str:
         """One line for a scheduler: ``cd CWD && <fit> && <validate>`` (only the pending steps; with

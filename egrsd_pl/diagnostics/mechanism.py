@@ -103,7 +103,7 @@ def token_gates(
 ) -> TokenGates:
     """EGRSD and CL-EGRSD gates of the same tokens, and what the look-ahead restores.
 
-    Both gates share the normaliser: the maximum of the *raw* entropies (SPEC step 7 Decision),
+    Both gates share the normaliser: the maximum of the *raw* entropies (Decision in docs/algorithm.md#step-7-normalisation),
     exactly as :func:`egrsd_pl.losses.confidence_gate` computes it in training.
 
     Args:

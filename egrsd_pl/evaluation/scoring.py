@@ -254,7 +254,7 @@ def evaluate(
     Every rank must call this with the same benchmarks in the same order (the reduction is a
     collective). The engine must already sample from the policy to evaluate (``sync_policy``).
 
-    Decision (SPEC.md step 2, truncated rollouts): a sample is correct when the verifier accepts the
+    Decision (docs/algorithm.md#step-2-reward, truncated rollouts): a sample is correct when the verifier accepts the
     last ``\\boxed{}`` after its last ``</think>``, whether or not it reached ``max_new_tokens``: a
     completion cut at the cap that already holds its final boxed answer is verified like any other,
     and one cut without an answer scores 0 (the verifier finds none). Training rewards follow the

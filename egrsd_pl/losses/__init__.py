@@ -1,4 +1,4 @@
-"""The objectives library: pure tensor functions, one per step of Algorithm 1 (see SPEC.md).
+"""The objectives library: pure tensor functions, one per step of Algorithm 1 (see docs/algorithm.md#one-training-step).
 
 - :mod:`~egrsd_pl.losses.vocabulary`: teacher entropy / log-probs, student log-probs and the token KL
   (OPSD's forward, CRISP's reverse) over the full vocabulary, chunked over positions (never ``[B, T, V]`` logits).

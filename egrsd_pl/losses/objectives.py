@@ -1,4 +1,4 @@
-"""The seven training objectives behind one signature and one name switch (SPEC "The objectives").
+"""The seven training objectives behind one signature and one name switch (docs/algorithm.md#objectives).
 
 Every objective is ``loss(inputs, settings) -> (loss, stats)`` (:class:`ObjectiveSettings`);
 :data:`OBJECTIVES` maps a name to it plus what the trainer must prepare (rollouts, teacher
@@ -296,7 +296,7 @@ class ObjectiveSpec:
             or ``"none"``.
         gated: Whether the confidence gate reads the batch maximum of the teacher entropy (step 7).
         kl_direction: ``direction`` of :func:`token_kl` when ``token_inputs == "token_kl"``.
-        teacher_prompt: ``"reference"`` (problem + reference solution, SPEC "Prompts") or
+        teacher_prompt: ``"reference"`` (problem + reference solution, docs/algorithm.md#prompts) or
             ``"concise"`` (CRISP: the student prompt behind a conciseness instruction, no solution).
         moving_teacher: The teacher must be refreshed from the student (CRISP); a ``frozen``
             schedule is refused.
@@ -388,7 +388,7 @@ def _check_settings(settings: ObjectiveSettings) -> None:
 def group_relative_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6) -> Tensor:
     """GRPO advantages ``A_i = (r_i - mean_g) / (std_g + eps)`` within each prompt group ``g``.
 
-    Decision (ours, SPEC is silent): ``std_g`` is the sample standard deviation (Bessel-corrected,
+    Decision (ours, the paper is silent; docs/algorithm.md#grpo): ``std_g`` is the sample standard deviation (Bessel-corrected,
     as in TRL). A group of one, or one whose rewards are all equal, gets advantage 0.
 
     Args:

@@ -1,4 +1,4 @@
-"""The per-token factors of Algorithm 1 (SPEC steps 6-11), one function per idea.
+"""The per-token factors of Algorithm 1 (docs/algorithm.md#one-training-step, steps 6-11), one function per idea.
 
 Masked positions (padding) may hold anything, even NaN: every function selects with
 ``torch.where`` instead of multiplying by the mask, so padding never reaches a value or a gradient.
@@ -26,7 +26,7 @@ from egrsd_pl.losses.gate import DEFAULT_GATE, GateConfig
 
 EntropyMax = float | Tensor | None  # an already-reduced batch maximum of the raw entropies, or None
 ENTROPY_MAX_FLOOR_NATS = 1.0
-"""Lower bound of the entropy normaliser ``max(max H, 1)`` (SPEC step 7), in nats."""
+"""Lower bound of the entropy normaliser ``max(max H, 1)`` (docs/algorithm.md#step-7-normalisation), in nats."""
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ def _masked_min(values: Tensor, mask: Tensor) -> Tensor:
 
 
 def causal_window_min(values: Tensor, mask: Tensor, window: int) -> Tensor:
-    """CL-EGRSD's look-ahead minimum ``H^CL_t = min_{j in [t, min(t + W, T_i)]} H_j`` (SPEC step 6).
+    """CL-EGRSD's look-ahead minimum ``H^CL_t = min_{j in [t, min(t + W, T_i)]} H_j`` (docs/algorithm.md#step-6-causal-look-ahead-cl-egrsd-only).
 
     The window covers the current and the next ``window`` positions of the same row, truncated at
     the row's end; positions where ``mask`` is not set (padding) never enter a window. Vectorised
@@ -105,7 +105,7 @@ def _causal_window_min(values: Tensor, mask: Tensor, window: int) -> Tensor:
 
 
 def entropy_normaliser(entropy_max: float | Tensor) -> Tensor:
-    """The denominator of SPEC step 7, ``max(H_max, 1 nat)``: 0-dim float tensor.
+    """The denominator of docs/algorithm.md#step-7-normalisation, ``max(H_max, 1 nat)``: 0-dim float tensor.
 
     Args:
         entropy_max: The already-reduced batch maximum of the raw masked teacher entropies.
@@ -122,7 +122,7 @@ def _entropy_normaliser(entropy_max: float | Tensor) -> Tensor:
 def normalize_entropy(
     teacher_entropy: Tensor, mask: Tensor, *, entropy_max: float | Tensor | None = None
 ) -> Tensor:
-    """``Ĥ = H / max(H_max, 1 nat)`` (SPEC step 7).
+    """``Ĥ = H / max(H_max, 1 nat)`` (docs/algorithm.md#step-7-normalisation).
 
     Args:
         teacher_entropy: ``[B, T]`` entropies (raw, or the CL window minima).
@@ -154,13 +154,13 @@ def confidence_gate(
     omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: float | Tensor | None = None,
 ) -> Tensor:
-    """Confidence gate ``ω = clip(1 - γ·Ĥ, omega_floor, 1)`` (SPEC steps 6-8).
+    """Confidence gate ``ω = clip(1 - γ·Ĥ, omega_floor, 1)`` (docs/algorithm.md#step-8-confidence-gate, steps 6-8).
 
     With ``window > 0`` (CL-EGRSD) the entropy is first replaced by its causal window minimum
     :func:`causal_window_min`, so a confident token a few steps ahead restores the weight of an
     uncertain one. ``γ = 0`` gives ``ω = 1`` (RLSD).
 
-    Decision (SPEC step 7): the normaliser is the maximum of the *raw* entropies, also for
+    Decision (docs/algorithm.md#step-7-normalisation): the normaliser is the maximum of the *raw* entropies, also for
     CL-EGRSD (Eq. 8: "reuse the same batch-global denominator"), not of the window minima.
     Whether "batch" means this device or all ranks is the caller's choice: pass ``entropy_max``
     (e.g. all-reduced with MAX) or leave it ``None`` for this tensor's masked maximum. The
@@ -205,7 +205,7 @@ def _confidence_gate(
 def likelihood_ratio_magnitude(
     student_logp: Tensor, teacher_logp: Tensor, direction: Tensor, eps: float = 0.2
 ) -> Tensor:
-    """Magnitude ``w = clip(exp(D·δ), 1 - ε, 1 + ε)``, ``δ = log p_T(y_t) - log p_S(y_t)`` (SPEC step 9).
+    """Magnitude ``w = clip(exp(D·δ), 1 - ε, 1 + ε)``, ``δ = log p_T(y_t) - log p_S(y_t)`` (docs/algorithm.md#step-9-magnitude).
 
     ``p_S`` is detached: ``w`` is a constant. For a positive advantage (``D = +1``) tokens the teacher
     prefers more get more weight; for a negative one, tokens the teacher prefers less.
@@ -234,7 +234,7 @@ def _likelihood_ratio_magnitude(
 
 
 def token_advantages(advantages: Tensor, magnitude: Tensor, omega: Tensor, mask: Tensor) -> Tensor:
-    """Token advantage ``Â_{i,t} = A_i · w_{i,t} · ω_{i,t}``, detached, 0 at padding (SPEC step 10).
+    """Token advantage ``Â_{i,t} = A_i · w_{i,t} · ω_{i,t}``, detached, 0 at padding (docs/algorithm.md#step-10-token-advantage).
 
     Args:
         advantages: ``[B]`` sequence-level advantages ``A_i``.
@@ -258,7 +258,7 @@ def _token_advantages(advantages: Tensor, magnitude: Tensor, omega: Tensor, mask
 
 
 def policy_gradient_loss(token_advantage: Tensor, student_logp: Tensor, mask: Tensor) -> Tensor:
-    """``L = -(1 / Σ m) · Σ m · Â · log p_θ(y_t)`` (SPEC step 11); 0 when ``Σ m = 0``.
+    """``L = -(1 / Σ m) · Σ m · Â · log p_θ(y_t)`` (docs/algorithm.md#step-11-loss); 0 when ``Σ m = 0``.
 
     The gradient flows only through ``student_logp``; ``token_advantage`` is detached here.
 

