@@ -41,6 +41,7 @@ from egrsd_pl.callbacks.run_summary import RunSummary
 from egrsd_pl.callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
+from egrsd_pl.rollout.server import ServerError
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
@@ -191,6 +192,11 @@ def parse_error(args: list[str]) -> str | None:
     return None
 
 
+def parse_config(args: list[str]) -> Any:
+    """``args`` parsed as ``main.py fit`` arguments (nothing instantiated): what ``egrsd serve`` reads."""
+    return build_cli(args, run=False, cli_class=_ParseOnly).config
+
+
 def _last_error_line(text: str) -> str:
     """The informative line of jsonargparse's error output (``error: ...``), shortened."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -212,6 +218,7 @@ TOOLS: dict[str, tuple[str, str]] = {
         "entropy deciles, lock/fork/pivot regimes and token pictures of a checkpoint",
     ),
     "testbed": ("egrsd_pl.testbed.__main__", "build or locate the offline testbed models"),
+    "serve": ("egrsd_pl.serve", "start a vLLM server for a config's model (generation on GPUs of its own)"),
 }
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a method (python main.py fit --config configs/tiny.yaml)",
@@ -238,10 +245,12 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[0] in TOOLS:
             module = importlib.import_module(TOOLS[argv[0]][0])
-            options = {"parse_error": parse_error} if argv[0] == "compare" else {}
+            options: dict[str, Any] = {"parse_error": parse_error} if argv[0] == "compare" else {}
+            if argv[0] == "serve":
+                options = {"parse_config": parse_config}
             sys.exit(module.main(argv[1:], **options))
         build_cli(argv)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError, ServerError) as error:
         if os.environ.get("EGRSD_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
