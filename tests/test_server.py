@@ -573,30 +573,38 @@ def test_greedy_rollouts_equal_hf_after_each_adapter_sync(served: str, lora_stud
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_seeded_sampling_follows_the_request_index_on_one_or_two_urls(served: str, lora_student) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_rollouts_follow_the_request_index_and_equal_the_colocated_engine(
+    served: str, lora_student
+) -> None:  # type: ignore[no-untyped-def]
+    """Request i samples with seed + i, as in the colocated VLLMEngine (adapter sync, same LoRA kernels): the
+    same sampled token ids from the server and from an in-process engine on the same adapter."""
+    from egrsd_pl.rollout.vllm import VLLMEngine
+
     model, tokenizer, folder, prompts = lora_student
-    one, two = (
-        VLLMServerEngine(url=served),
-        VLLMServerEngine(url=[served, served.replace("127.0.0.1", "localhost")]),
-    )
+    engine = VLLMServerEngine(url=served)
     sampling = SamplingConfig(
         temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=12, num_rollouts=2, seed=100
     )
     try:
-        for engine in (one, two):
-            engine.setup(model, tokenizer, model_path=folder, seed=0)
-            engine.sync_policy(model, 0)
-        first = one.generate(prompts[:3], sampling)
-        assert [r.completion_ids for r in two.generate(prompts[:3], sampling)] == [
-            r.completion_ids for r in first
-        ]
-        alone = one.generate(prompts[1:2], SamplingConfig(**{**sampling.__dict__, "seed": 102}))
-        assert [r.completion_ids for r in alone] == [r.completion_ids for r in first[2:4]]
-        assert first[0].completion_ids != first[1].completion_ids
-        assert all(math.isfinite(v) and v <= 0 for r in first for v in r.logprobs)
+        engine.setup(model, tokenizer, model_path=folder, seed=0)
+        engine.sync_policy(model, 0)
+        first = engine.generate(prompts[:3], sampling)
+        alone = engine.generate(prompts[1:2], SamplingConfig(**{**sampling.__dict__, "seed": 102}))
     finally:
-        one.close()
-        two.close()
+        engine.close()
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in first[2:4]]
+    assert first[0].completion_ids != first[1].completion_ids  # two rollouts of one prompt differ
+    assert all(math.isfinite(v) and v <= 0 for r in first for v in r.logprobs)
+    colocated = VLLMEngine(
+        sync="adapter", dtype="float32", max_lora_rank=16, enforce_eager=True, max_model_len=1024
+    )
+    try:
+        colocated.setup(model, tokenizer, model_path=folder, seed=0)
+        colocated.sync_policy(model, 0)
+        reference = colocated.generate(prompts[:3], sampling)
+    finally:
+        colocated.close()
+    assert [r.completion_ids for r in first] == [r.completion_ids for r in reference]
 
 
 @pytest.mark.vllm
