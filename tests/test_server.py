@@ -288,7 +288,10 @@ def test_server_without_lora_is_refused_before_training(lora_student, lora: str,
     ("key", "expected"),
     [("wrong", "refused the API key"), (None, "requires an API key and none was given")],
 )
-def test_wrong_or_missing_api_key_is_refused(lora_student, key: str | None, expected: str) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_or_missing_api_key_is_refused(
+    lora_student, key: str | None, expected: str, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
     model, tokenizer, folder, _ = lora_student
     with FakeServer(served_model_name(folder), api_key="right") as fake, pytest.raises(ServerError) as error:
         engine_on(fake, api_key=key).setup(model, tokenizer, model_path=folder, seed=0)
@@ -298,10 +301,11 @@ def test_wrong_or_missing_api_key_is_refused(lora_student, key: str | None, expe
     )
 
 
-def test_the_right_key_passes_and_the_server_cap_bounds_requests(lora_student) -> None:  # type: ignore[no-untyped-def]
+def test_the_right_key_passes_and_the_server_cap_bounds_requests(lora_student, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer, folder, prompts = lora_student
+    monkeypatch.setenv("VLLM_API_KEY", "right")  # the key from the environment, as the docs recommend
     with FakeServer(served_model_name(folder), api_key="right") as fake:
-        engine = engine_on(fake, api_key="right")
+        engine = engine_on(fake)
         engine.reserve_length(1000)
         engine.setup(model, tokenizer, model_path=folder, seed=0)
         assert engine.max_sequence_length() == (1024, "the server's --max-model-len")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -119,6 +120,7 @@ class VLLMServerEngine(RolloutEngine):
     Args:
         url: Base URL of a server (``http://127.0.0.1:8000``) or a list of them (requests are split).
         api_key: Sent as ``Authorization: Bearer``; the key the servers were started with (``--api-key``).
+            ``None``: ``$VLLM_API_KEY`` if set (keeps the key out of the saved run config), else no key.
         sync: ``"adapter"`` (the only mode implemented for servers; ``"merged"`` is refused).
         adapter_dir: Parent folder of the adapter folders; the servers must read the same path
             (same machine or a shared file system). ``None``: the system temporary folder (servers on
@@ -166,7 +168,7 @@ class VLLMServerEngine(RolloutEngine):
         if concurrency < 1:
             raise ValueError(f"--data.engine.init_args.concurrency must be >= 1, got {concurrency}")
         self.urls = [address.rstrip("/") for address in urls]
-        self.api_key = api_key
+        self.api_key = api_key if api_key is not None else os.environ.get("VLLM_API_KEY") or None
         self.adapter_dir = adapter_dir
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -214,6 +216,7 @@ class VLLMServerEngine(RolloutEngine):
 
         import torch
 
+        self.close()  # a second setup starts from a clean slate (no adapter left loaded, no folder left behind)
         self._tokenizer = tokenizer
         self._stop_ids = sorted(stop_token_ids(model, tokenizer))
         self._request_seeds = random.Random(seed)
@@ -411,7 +414,8 @@ class VLLMServerEngine(RolloutEngine):
                 ) from None
             tries = self.retries + 1 if failure.status is None or failure.status >= 500 else 1
             raise ServerError(
-                f"the vLLM server at {url} failed /v1/completions ({tries} tries): {failure.message}; the run "
+                f"the vLLM server at {url} failed /v1/completions ({tries} {'try' if tries == 1 else 'tries'}): "
+                f"{failure.message}; the run "
                 f"stops here and its last checkpoint is intact: restart the server ({SERVE_HINT}) and resume "
                 "with --ckpt_path last"
             ) from None
