@@ -119,6 +119,13 @@ class FakeServer:
                         message = f"Loading lora {name} failed: No adapter found for {path}"
                         return self.error(404, message, "NotFoundError")
                     with fake.lock:
+                        if name in fake.adapters:
+                            message = (
+                                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                            )
+                            return self.error(
+                                400, message + "adapter in place, set 'load_inplace' to True.", "X"
+                            )
                         fake.adapters[name] = path
                         fake.loaded.append(name)
                     return self.reply(200, f"Success: LoRA adapter '{name}' added successfully.")
@@ -490,6 +497,33 @@ def test_fit_stops_when_the_server_dies_and_keeps_the_last_checkpoint(lora_stude
         assert len(fake.completions) == 8 and fake.failed == 8  # step 2's 4 requests, 2 tries each
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_share_the_servers_and_only_rank_0_syncs(lora_student, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """2 CPU processes (gloo): one run tag, one load per step (by rank 0, else vLLM refuses a name loaded twice),
+    and both ranks ask for the step's name after the barrier."""
+    tokenizer, folder = lora_student[1], lora_student[2]
+    with FakeServer(served_model_name(folder), completion=[tokenizer.eos_token_id]) as fake:
+        command = [
+            sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml"),
+            "--config", str(ROOT / "configs/server.yaml"), "--data.engine.init_args.url", fake.url,
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+            "--data.batch_size", "2", "--trainer.logger", "false", "--checkpoint.every_n_train_steps", "0",
+            "--evaluation.at_end", "false", "--summary.enabled", "false",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    run = fake.loaded[0].removeprefix("probe-")
+    assert fake.loaded == [f"probe-{run}", f"policy-v0-{run}", f"policy-v1-{run}"]
+    assert fake.unloaded == [
+        f"probe-{run}",
+        f"policy-v0-{run}",
+        f"policy-v1-{run}",
+    ]  # the last one at teardown
+    asked = sorted(body["model"] for body in fake.completions)
+    assert asked == [f"policy-v0-{run}"] * 4 + [f"policy-v1-{run}"] * 4  # 2 steps x 2 ranks x 2 problems
 
 
 # ---------------------------------------------------------------------------- a real vLLM server
