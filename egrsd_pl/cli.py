@@ -43,6 +43,7 @@ from egrsd_pl.callbacks.teacher_update import TeacherUpdate
 from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
+from egrsd_pl.rollout.server import ServerError
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
@@ -252,6 +253,11 @@ def parse_run(args: list[str], add_arguments: Callable[[Any], None]) -> tuple[An
     return cli.config, cli.config_init
 
 
+def parse_config(args: list[str]) -> Any:
+    """``args`` parsed as ``main.py fit`` arguments (nothing instantiated): what ``egrsd serve`` reads."""
+    return build_cli(args, run=False, cli_class=_ParseOnly).config
+
+
 def _last_error_line(text: str) -> str:
     """The informative line of jsonargparse's error output (``error: ...``), shortened."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -273,10 +279,12 @@ TOOLS: dict[str, tuple[str, str]] = {
         "entropy deciles, lock/fork/pivot regimes and token pictures of a checkpoint",
     ),
     "testbed": ("egrsd_pl.testbed.__main__", "build or locate the offline testbed models"),
+    "serve": ("egrsd_pl.serve", "start a vLLM server for a config's model (generation on GPUs of its own)"),
 }
 TOOL_OPTIONS: dict[str, dict[str, Any]] = {
     "compare": {"parse_error": parse_error},
     "diagnose": {"parse_run": parse_run},
+    "serve": {"parse_config": parse_config},
 }
 """What the composition root hands each tool: the CLI's own parser, which the package cannot import."""
 LIGHTNING_COMMANDS: dict[str, str] = {
@@ -309,7 +317,7 @@ def main(args: list[str] | None = None) -> None:
         # Only arguments handed in from Python go through `args`; a command line is LightningCLI's own
         # sys.argv (given both, it warns on every run that `args` is meant for calls from Python).
         build_cli(None if args is None else argv)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError, ServerError) as error:
         if os.environ.get("EGRSD_DEBUG"):
             raise
         print(f"error: {error}", file=sys.stderr)
