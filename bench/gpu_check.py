@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py fit --out OUT [--devices 1] [--steps 3] [--model testbed:qwen3-shape?like=qwen3-4b]
     python bench/gpu_check.py startup --out OUT          # the engine at the evaluation's 32,768-token cap
-    python bench/gpu_check.py table --out OUT [--write docs/gpu_check.md]
+    python bench/gpu_check.py table --out OUT [--write OUT/gpu_check.md]
     python bench/gpu_check.py fit --out OUT --config configs/tiny_vllm.yaml --model testbed:tiny --set=...  # CPU smoke
 
 ``fit`` runs ``configs/egrsd.yaml`` through the real CLI (bf16-mixed, gradient checkpointing, LoRA r 64,

@@ -2,7 +2,7 @@
 
     python bench/gpu_memory_budget.py                                   # every paper config, 80 GB GPUs
     python bench/gpu_memory_budget.py --config configs/qwen3_8b/egrsd.yaml --gpu-gib 139.8
-    python bench/gpu_memory_budget.py --write docs/gpu_memory.md        # the table the docs show
+    python bench/gpu_memory_budget.py --write budget.md                   # the table, as markdown
 
 Everything is computed from the model's shape (``QWEN3_SHAPES`` of ``egrsd_pl/testbed/qwen3_shape.py``,
 the real models' ``config.json`` values) and the config's own numbers (LoRA rank, batch, lengths, vLLM

@@ -91,7 +91,7 @@ class EGRSDCLI(LightningCLI):
         hyper-parameters, which would end in torch's traceback."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")  # tools: flat
         if ckpt_path is not None:
             refuse_damaged_checkpoint(ckpt_path)
 

@@ -542,5 +542,5 @@ def test_paper_configs_average_aime24_over_five_runs() -> None:
     for config in [*root.glob("*.yaml"), *root.glob("qwen3_8b/*.yaml")]:
         data = yaml.safe_load(config.read_text())
         benchmarks = data.get("evaluation", {}).get("benchmarks")
-        if data["model"]["model_name_or_path"].startswith("Qwen/") and benchmarks:
+        if str(data.get("model", {}).get("model_name_or_path")).startswith("Qwen/") and benchmarks:
             assert {"name": "aime24", "repeats": 5} in benchmarks, config.name

@@ -27,12 +27,13 @@ from egrsd_pl.stats import RunningRewardStats
 
 # The reference runs every sequence unpadded through plain transformers in float64 with the LoRA merged. The
 # module runs twice: with its backbone in float64 (vocabulary math still accumulated in float32, as in training),
-# which isolates its packing, gathering, chunking and loss code: within 1e-5, plus 4e-6 relative for OPSD's 7-nat
-# KL, which float32 accumulation over the vocabulary moves by 2e-5 (measured; about 24 float32 ulps); and as in
+# which isolates its packing, gathering, chunking and loss code: within 3e-5, plus 4e-6 relative for OPSD's 7-nat
+# KL, which float32 accumulation over the vocabulary moves by 2e-5 (measured; about 24 float32 ulps; CRISP's
+# reverse KL of near-equal distributions cancels in float32 by up to 1.8e-5 on AVX2 kernels, measured); and as in
 # training (float32 backbone, LoRA unmerged), where float32 rounding through the decoder alone moves log-probs and
 # entropies by up to ~2.5e-5 and a 6.4-nat KL summed over the vocabulary by ~5.7e-5 (measured on the shipped
 # testbed): there the bound is 5e-5 + 2e-5 relative. A wrong position, prompt, mask or sign moves them by 0.1 or more.
-TOLERANCES = {"float64": (1e-5, 4e-6), "float32": (5e-5, 2e-5)}  # backbone dtype -> (absolute, relative)
+TOLERANCES = {"float64": (3e-5, 4e-6), "float32": (5e-5, 2e-5)}  # backbone dtype -> (absolute, relative)
 REWARDS = [1.25, 0.0, 0.9]  # one per rollout; the warm-up baseline makes A = r - 0.5 = [.75, -.5, .4]
 COMPLETIONS = [" 12 + 30 = 42 so \\boxed{42}", " 7", " 3 * 4 = 12, \\boxed{12}"]  # unequal lengths: padding
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -133,7 +133,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     assert stopped.value.code == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
-    assert listed == {"fit", "validate", "compare", "diagnose", "testbed"}
+    assert listed == {"fit", "validate", "compare", "diagnose", "serve", "testbed"}
 
 
 def test_empty_dataset_file_says_it_is_empty(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.diagnostics import mechanism
 from egrsd_pl.evaluation import Benchmark
 from egrsd_pl.losses import GateConfig
@@ -109,8 +108,6 @@ def resolve_settings(config: Any, init: Any) -> Settings:
     ckpt_path = Path(config.ckpt_path) if config.ckpt_path else None
     if ckpt_path is not None and not ckpt_path.exists():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file or folder")
-    if ckpt_path is not None:
-        refuse_damaged_checkpoint(ckpt_path)  # a truncated .ckpt: one line, not torch's traceback
     evaluation, diagnostics, data = init.evaluation, init.diagnostics, init.data
     samples = config.samples if config.samples is not None else evaluation.sampling.num_rollouts
     return Settings(

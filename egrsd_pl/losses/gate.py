@@ -1,4 +1,4 @@
-"""The confidence gate's settings, once: defaults, bounds and the window rule (SPEC steps 6–8).
+"""The confidence gate's settings, once: defaults, bounds and the window rule (docs/algorithm.md, steps 6–8).
 
 :class:`GateConfig` is the one typed home of ``γ``, ``W`` and the ``ω`` floor. The module builds it from
 its ``--model.*`` arguments, the live diagnostics and ``egrsd diagnose`` derive theirs from the run's

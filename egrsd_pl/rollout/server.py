@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from egrsd_pl.json_files import dumps
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig, check_sequence_fits
 from egrsd_pl.rollout.hf import stop_token_ids
 from egrsd_pl.rollout.merge import POLICY_ADAPTER
@@ -168,6 +169,7 @@ class VLLMServerEngine(RolloutEngine):
         if concurrency < 1:
             raise ValueError(f"--data.engine.init_args.concurrency must be >= 1, got {concurrency}")
         self.urls = [address.rstrip("/") for address in urls]
+        self.sync = sync
         self.api_key = api_key if api_key is not None else os.environ.get("VLLM_API_KEY") or None
         self.adapter_dir = adapter_dir
         self.model_name = model_name
@@ -469,7 +471,7 @@ class VLLMServerEngine(RolloutEngine):
             _HTTPFailure: The last failure, after ``tries`` (default ``retries + 1``) attempts.
         """
         attempts = self.retries + 1 if tries is None else tries
-        data = None if payload is None else json.dumps(payload).encode()
+        data = None if payload is None else dumps(payload).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
