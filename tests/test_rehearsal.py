@@ -162,6 +162,9 @@ def test_every_paper_config_is_rehearsed():
     rehearsed = [path for group in GROUPS for path in group]
     assert sorted(rehearsed) == sorted(filter(is_paper_config, CONFIGS))
     assert {config_id(p) for p in rehearsed} >= {"egrsd.yaml", "cl_egrsd.yaml", "sft.yaml", "grpo.yaml"}
+    # The README states the count; it follows the configs.
+    files = f"rehearses the {len(rehearsed)} paper config files in {len(GROUPS)} runs"
+    assert files in " ".join((ROOT / "README.md").read_text().split()), files
 
 
 # ------------------------------------------------------------------ the rehearsal: 2 steps + evaluation
