@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -39,12 +40,13 @@ def test_gpu_extra_floor_is_the_oldest_usable_vllm() -> None:
 
 
 def test_engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the function writes os.environ itself: restore the whole environment afterwards, or the
+    # batch-invariant switch leaks into every later vLLM engine of the session (and its subprocesses)
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_BATCH_INVARIANT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delitem(sys.modules, "vllm", raising=False)  # as before vLLM's first import
     vllm_compat.set_engine_environment(in_process=True, cpu_kv_cache_gib=2, batch_invariant=True)
-    import os
-
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert os.environ["VLLM_BATCH_INVARIANT"] == "1"
@@ -57,6 +59,7 @@ def test_engine_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_batch_invariance_after_vllm_was_imported_is_a_one_line_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
     monkeypatch.setitem(sys.modules, "vllm", sys.modules.get("vllm", object()))
     with pytest.raises(RuntimeError, match="batch_invariant true") as error:
@@ -82,3 +85,20 @@ def test_the_engine_offers_the_batch_invariant_switch() -> None:
 
     assert VLLMEngine().batch_invariant is False
     assert VLLMEngine(batch_invariant=True).batch_invariant is True
+
+
+def test_batch_invariance_on_the_cpu_backend_is_a_one_line_error(
+    tiny_model_dir: Path, tiny_tokenizer: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's batch-invariant kernels are Triton kernels: on CPU the engine refuses before vLLM starts."""
+    from types import SimpleNamespace
+
+    from egrsd_pl.rollout.vllm import VLLMEngine
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    engine = VLLMEngine(batch_invariant=True)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    with pytest.raises(ValueError, match="batch_invariant true needs a CUDA GPU") as error:
+        engine.setup(model, tiny_tokenizer, model_path=str(tiny_model_dir), seed=0)
+    assert "\n" not in str(error.value)

@@ -207,6 +207,11 @@ class VLLMEngine(RolloutEngine):
                 "process (external_launcher), so in_process must be true"
             )
         on_cuda = torch.cuda.is_available()
+        if self.batch_invariant and not on_cuda:
+            raise ValueError(
+                "--data.engine.init_args.batch_invariant true needs a CUDA GPU: vLLM's batch-invariant "
+                "kernels are Triton kernels, which do not run on the CPU backend"
+            )
         vllm_compat.set_engine_environment(
             in_process=self.in_process,
             cpu_kv_cache_gib=None if on_cuda else self.kv_cache_space_gib,
