@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FakeServer:
     """Answers /health, /v1/models, /v1/{load,unload}_lora_adapter and /v1/completions like vLLM 0.32.
 
-    Every completion is ``completion`` (token ids) with log-prob -0.5 each; ``fail_after`` completions
-    later every completion gets a 503. Records every request body.
+    Every completion is ``completion`` (token ids) with log-prob -0.5 each, or what ``completion(body)``
+    returns as ``(token ids, log-probs)``; ``fail_after`` completions later every completion gets a 503.
+    Records every request body.
     """
 
     def __init__(
@@ -56,7 +57,7 @@ class FakeServer:
         *,
         api_key: str | None = None,
         lora: str = "ok",
-        completion: list[int] | None = None,
+        completion: list[int] | Callable[[dict[str, Any]], tuple[list[int], list[float]]] | None = None,
         answer_model: str | None = None,
         fail_after: int | None = None,
     ) -> None:
@@ -140,13 +141,17 @@ class FakeServer:
                             fake.failed += 1
                             return self.error(503, "engine is dead", "ServiceUnavailable")
                         fake.completions.append(body)
-                    ids = fake.completion[: body["max_tokens"]]
+                    if callable(fake.completion):
+                        ids, logprobs = fake.completion(body)
+                    else:
+                        ids = fake.completion[: body["max_tokens"]]
+                        logprobs = [-0.5] * len(ids)
                     finish = "stop" if set(ids) & set(body["stop_token_ids"]) else "length"
                     choice = {
                         "index": 0,
                         "text": "",
                         "token_ids": ids,
-                        "logprobs": {"token_logprobs": [-0.5] * len(ids)},
+                        "logprobs": {"token_logprobs": logprobs},
                         "finish_reason": finish,
                     }
                     return self.reply(200, {"model": fake.answer_model or body["model"], "choices": [choice]})
@@ -524,6 +529,106 @@ def test_two_ddp_ranks_share_the_servers_and_only_rank_0_syncs(lora_student, tmp
     ]  # the last one at teardown
     asked = sorted(body["model"] for body in fake.completions)
     assert asked == [f"policy-v0-{run}"] * 4 + [f"policy-v1-{run}"] * 4  # 2 steps x 2 ranks x 2 problems
+
+
+# ---------------------------------------------------------------------------- one step ahead (--data.async_steps 1)
+
+
+def fit_through(url: str, root: Path, *extra: str) -> None:
+    """A short ``fit`` of configs/tiny.yaml through the server at ``url``: batch 2, a checkpoint every step,
+    metrics in a CSV file under ``root``."""
+    from egrsd_pl.cli import build_cli
+
+    args = [
+        "fit", "--config", "configs/tiny.yaml", "--config", "configs/server.yaml",
+        "--data.engine.init_args.url", url, "--data.engine.init_args.retry_backoff_s", "0",
+        "--data.batch_size", "2", "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+        "--checkpoint.dirpath", str(root / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+        "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0", "--summary.enabled", "false",
+        "--torch_threads", "1", *extra,
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        build_cli(args)
+    finally:
+        os.chdir(cwd)
+
+
+def logged(root: Path, name: str) -> list[float]:
+    """The values of one metric, step by step, from every CSV file under ``root`` (runs in order)."""
+    import csv
+
+    values = []
+    for path in sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+        values += [float(row[name]) for row in csv.DictReader(path.open()) if row.get(name)]
+    return values
+
+
+def lora_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return {name: tensor for name, tensor in state.items() if "lora_" in name}
+
+
+def versioned_completion(eos: int) -> Callable[[dict[str, Any]], tuple[list[int], list[float]]]:
+    """Completion ``[10 + v, eos]`` with log-probs ``-1 - v / 10`` for policy version ``v``: a rollout of
+    another version than the one the run asked for trains differently."""
+
+    def complete(body: dict[str, Any]) -> tuple[list[int], list[float]]:
+        version = policy_version(body["model"])
+        assert version is not None
+        return [10 + version, eos], [-1.0 - version / 10] * 2
+
+    return complete
+
+
+@pytest.mark.slow
+def test_one_step_ahead_resumes_exactly_and_zero_steps_stays_on_policy(lora_student, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Against the fake (each policy version answers its own completion): 4 straight steps one step ahead
+    equal 2 steps + --ckpt_path + 2 steps (the in-flight rollouts of step 2 come from the checkpoint, made by
+    policy 1, not regenerated by policy 2); each step's rollouts are one version old; --data.async_steps 0
+    asks each step's own version and logs staleness 0."""
+    tokenizer, folder = lora_student[1], lora_student[2]
+    complete = versioned_completion(tokenizer.eos_token_id)
+    with FakeServer(served_model_name(folder), completion=complete) as fake:
+
+        def versions_asked(since: int) -> list[int]:
+            return [policy_version(b["model"]) or 0 for b in fake.completions[since:]]
+
+        fit_through(fake.url, tmp_path / "straight", "--data.async_steps", "1", "--trainer.max_steps", "4")
+        # step 0 samples its batch and requests the next from version 0; step t > 0 requests batch t + 1 from
+        # version t (the last request is never trained on); 2 rollouts a batch
+        assert versions_asked(0) == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+        assert logged(tmp_path / "straight", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+        weights = logged(tmp_path / "straight", "async/is_weight_mean")
+        assert len(weights) == 4 and all(0 < w <= 2.0 for w in weights)
+
+        asked = len(fake.completions)
+        fit_through(fake.url, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "2")
+        checkpoint = torch.load(tmp_path / "resumed/ckpt/last.ckpt", map_location="cpu", weights_only=False)
+        ahead = checkpoint["RolloutDataModule"]["rollouts_ahead"]
+        assert [r["policy_version"] for r in ahead["rollouts"]] == [1, 1]  # batch 3, requested by step 1
+        fit_through(
+            fake.url, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "4",
+            "--ckpt_path", str(tmp_path / "resumed/ckpt/last.ckpt"),
+        )  # fmt: skip
+        assert versions_asked(asked) == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]  # nothing asked twice after the resume
+        assert logged(tmp_path / "resumed", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+        straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+        resumed = lora_tensors(tmp_path / "resumed/ckpt/last.ckpt")
+        assert straight.keys() == resumed.keys() and len(straight) > 0
+        assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+        trained = [float(v.abs().max()) for k, v in straight.items() if "lora_B" in k]  # B starts at 0
+        assert max(trained) > 0
+
+        asked = len(fake.completions)
+        fit_through(fake.url, tmp_path / "sync", "--data.async_steps", "0", "--trainer.max_steps", "2")
+        assert versions_asked(asked) == [0, 0, 1, 1]
+        assert logged(tmp_path / "sync", "async/staleness") == [0.0, 0.0]
+        assert logged(tmp_path / "sync", "async/is_weight_mean") == []
+        # the fake's log-prob of 10 + v under the student is far from -1 - v/10: logged, not corrected
+        assert all(gap > 0.1 for gap in logged(tmp_path / "sync", "async/logprob_gap"))
 
 
 # ---------------------------------------------------------------------------- a real vLLM server

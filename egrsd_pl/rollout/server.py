@@ -48,17 +48,9 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServedRollout(Rollout):
-    """A :class:`Rollout` from a server, with what the server says about it.
-
-    Attributes:
-        logprobs: ``[length]`` log-probability of each sampled token under the serving policy, as vLLM
-            reports it (its default ``--logprobs-mode raw_logprobs``: the model's distribution before
-            temperature, top-p and top-k).
-        policy_version: The optimizer step whose policy produced it (parsed from the response's ``model``).
-    """
-
-    logprobs: tuple[float, ...] = ()
-    policy_version: int = -1
+    """A :class:`Rollout` from a server: ``logprobs`` (the sampled tokens' log-probs as vLLM reports them,
+    its default ``--logprobs-mode raw_logprobs``) and ``policy_version`` (the optimizer step whose policy
+    produced it, parsed from the response's ``model``) are always set."""
 
 
 def served_model_name(model_path: str) -> str:
@@ -117,6 +109,9 @@ class VLLMServerEngine(RolloutEngine):
     name, then unloads the previous one. A name is never reused: vLLM keys prefix-cache blocks by
     adapter name and path, and an in-place reload keeps blocks of the old weights.
 
+    The policy lives on the servers (a saved adapter), so :meth:`generate` may run in a background
+    thread while the trainer updates the student (:attr:`generates_apart`, ``--data.async_steps 1``).
+
     Args:
         url: Base URL of a server (``http://127.0.0.1:8000``) or a list of them (requests are split).
         api_key: Sent as ``Authorization: Bearer``; the key the servers were started with (``--api-key``).
@@ -133,6 +128,8 @@ class VLLMServerEngine(RolloutEngine):
         retry_backoff_s: Wait before the first retry, doubled at each next one.
         concurrency: Requests in flight per server.
     """
+
+    generates_apart = True
 
     def __init__(
         self,
