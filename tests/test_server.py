@@ -8,6 +8,7 @@ With vLLM (``vllm`` marker): one real server started by ``egrsd serve`` for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -634,35 +636,57 @@ def test_one_step_ahead_resumes_exactly_and_zero_steps_stays_on_policy(lora_stud
 # ---------------------------------------------------------------------------- a real vLLM server
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One ``egrsd serve --config configs/tiny.yaml`` on 127.0.0.1 for the module; stopped (its whole
-    process group) at the end, whatever happened."""
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("server") / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port", str(port),
-             "--", "--enforce-eager"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
+class ServedVLLM:
+    """One ``egrsd serve --config configs/tiny.yaml`` process on 127.0.0.1 (its own process group), which a
+    test may kill and start again on the same port."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.port, self.log_file = free_port(), log_file
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_file.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port",
+                 str(self.port), "--", "--enforce-eager"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"egrsd serve exited: {log_file.read_text()[-3000:]}"
+        while "vLLM server ready at" not in self.log_file.read_text():
+            assert self.process.poll() is None, f"egrsd serve exited: {self.log_file.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the vLLM server was not ready after 600 s"
-            if "vLLM server ready at" in log_file.read_text():
-                break
             time.sleep(1)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signals the whole process group (``egrsd serve`` and vLLM's engine processes) and waits."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        os.killpg(process.pid, sig)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with contextlib.suppress(ProcessLookupError):  # engine processes left behind by a SIGKILL
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM]:
+    """One real server for the module; stopped at the end, whatever happened."""
+    server = ServedVLLM(tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(vllm_server: ServedVLLM) -> str:
+    return vllm_server.url
 
 
 def served_adapters(url: str) -> list[str]:
@@ -785,3 +809,65 @@ def test_three_fit_steps_through_the_server(
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert served_adapters(served) == []  # the run unloaded its last adapter at teardown
+
+
+class KillServerAfter(L.Callback):
+    """SIGKILLs the server after optimizer step ``step`` (before that step's checkpoint is written: Lightning
+    runs checkpoint callbacks last)."""
+
+    def __init__(self, server: ServedVLLM, step: int) -> None:
+        self.server, self.step = server, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.server.stop(signal.SIGKILL)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_server_killed_mid_run_stops_it_in_one_line_and_a_resume_after_a_restart_is_exact(
+    vllm_server: ServedVLLM, tmp_path: Path
+) -> None:
+    """A straight 4-step run; then a 4-step run whose server is killed after step 2: it stops with one line,
+    last.ckpt holds step 2; the server is started again, --ckpt_path last finishes the run, and its LoRA equals
+    the straight run's (the same seeded rollouts from the restarted server). Runs last: it restarts the server."""
+    from egrsd_pl.cli import build_cli
+
+    fit_through(vllm_server.url, tmp_path / "straight", "--trainer.max_steps", "4")
+    killed = tmp_path / "killed"
+    args = [
+        "--config", "configs/tiny.yaml", "--config", "configs/server.yaml",
+        "--data.engine.init_args.url", vllm_server.url, "--data.engine.init_args.retries", "1",
+        "--data.engine.init_args.retry_backoff_s", "0", "--data.batch_size", "2", "--trainer.max_steps", "4",
+        "--trainer.default_root_dir", str(killed), "--trainer.logger", "false",
+        "--checkpoint.dirpath", str(killed / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+        "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0", "--summary.enabled", "false",
+        "--torch_threads", "1",
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        cli = build_cli(args, run=False)
+        cli.trainer.callbacks.append(KillServerAfter(vllm_server, step=2))
+        with pytest.raises(ServerError) as error:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        os.chdir(cwd)
+    message = one_line(error)
+    assert message.startswith(
+        f"the vLLM server at {vllm_server.url} failed /v1/load_lora_adapter (2 tries): "
+    )
+    assert message.endswith(
+        "the run stops here and its last checkpoint is intact: restart the server (egrsd serve --config CONFIG) "
+        "and resume with --ckpt_path last"
+    )
+    checkpoint = torch.load(killed / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    vllm_server.start()
+    fit_through(vllm_server.url, killed, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+    resumed = lora_tensors(killed / "ckpt/last.ckpt")
+    assert torch.load(killed / "ckpt/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+    assert served_adapters(vllm_server.url) == []

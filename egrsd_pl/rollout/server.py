@@ -341,6 +341,8 @@ class VLLMServerEngine(RolloutEngine):
                     f"the vLLM server at {url} cannot read the adapter folder {folder} ({failure.message}); "
                     "--data.engine.init_args.adapter_dir must be a folder the servers see at the same path"
                 ) from None
+            if failure.status is None or failure.status >= 500:
+                raise self._lost(url, "/v1/load_lora_adapter", failure) from None
             raise ServerError(
                 f"the vLLM server at {url} did not load adapter {name}: {failure.message}"
             ) from None
@@ -349,6 +351,8 @@ class VLLMServerEngine(RolloutEngine):
         try:
             self._request(url, "/v1/unload_lora_adapter", {"lora_name": name})
         except _HTTPFailure as failure:
+            if failure.status is None or failure.status >= 500:
+                raise self._lost(url, "/v1/unload_lora_adapter", failure) from None
             raise ServerError(
                 f"the vLLM server at {url} did not unload adapter {name}: {failure.message}"
             ) from None
@@ -409,13 +413,16 @@ class VLLMServerEngine(RolloutEngine):
                 raise ServerError(
                     f"the vLLM server at {url} no longer serves {payload['model']} (restarted?): {failure.message}"
                 ) from None
-            tries = self.retries + 1 if failure.status is None or failure.status >= 500 else 1
-            raise ServerError(
-                f"the vLLM server at {url} failed /v1/completions ({tries} {'try' if tries == 1 else 'tries'}): "
-                f"{failure.message}; the run "
-                f"stops here and its last checkpoint is intact: restart the server ({SERVE_HINT}) and resume "
-                "with --ckpt_path last"
-            ) from None
+            raise self._lost(url, "/v1/completions", failure) from None
+
+    def _lost(self, url: str, path: str, failure: _HTTPFailure) -> ServerError:
+        """The one line that stops a run whose server stopped answering (no answer or 5xx, after the retries)."""
+        tries = self.retries + 1 if failure.status is None or failure.status >= 500 else 1
+        return ServerError(
+            f"the vLLM server at {url} failed {path} ({tries} {'try' if tries == 1 else 'tries'}): "
+            f"{failure.message}; the run stops here and its last checkpoint is intact: restart the server "
+            f"({SERVE_HINT}) and resume with --ckpt_path last"
+        )
 
     def _to_rollout(
         self, prompt_index: int, response: dict[str, Any], url: str, max_new_tokens: int
