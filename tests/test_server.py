@@ -240,7 +240,8 @@ def test_policy_names_parse() -> None:
     [
         (dict(url=[]), "url"),
         (dict(url="127.0.0.1:8000"), "url"),
-        (dict(sync="merged"), "sync merged is not implemented"),
+        (dict(sync="merged", url="http://10.1.2.3:8000"), "sync merged drives vLLM's development endpoints"),
+        (dict(sync="lora"), "sync must be 'adapter' or 'merged'"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(retries=-1), "retries"),
         (dict(concurrency=0), "concurrency"),
@@ -453,6 +454,25 @@ def test_serve_refuses_a_public_address_without_a_key() -> None:
         "error: --host 0.0.0.0 exposes the server beyond this machine: give it an --api-key (the run sends it as "
         "--data.engine.init_args.api_key), or keep the default --host 127.0.0.1"
     )
+    result = run_cli(
+        "serve", "--config", "configs/tiny.yaml", "--host", "0.0.0.0", "--api-key", "k", "--sync", "merged"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: --host 0.0.0.0 with --sync merged would expose vLLM's development endpoints (/collective_rpc), which "
+        "no --api-key guards: merged sync serves 127.0.0.1 only (use --sync adapter across machines)"
+    )
+
+
+def test_merged_sync_needs_the_development_endpoints(lora_student) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer, folder, _ = lora_student
+    with FakeServer(served_model_name(folder)) as fake, pytest.raises(ServerError) as error:
+        engine_on(fake, sync="merged").setup(model, tokenizer, model_path=folder, seed=0)
+    assert one_line(error) == (
+        f"the vLLM server at {fake.url} has no development endpoints (/reset_prefix_cache: HTTP 404: Not Found; "
+        "--data.engine.init_args.sync merged needs VLLM_SERVER_DEV_MODE=1); start it with egrsd serve --config "
+        "CONFIG --sync merged"
+    )
 
 
 @pytest.mark.slow
@@ -473,6 +493,10 @@ def test_serve_dry_run_prints_the_flags_the_sync_needs() -> None:
         "--max-model-len 1024 --enable-lora --max-lora-rank 16 --max-loras 1 --generation-config vllm --seed 0"
     )
     assert tail in line and line.endswith("--enforce-eager")
+    merged = run_cli("serve", "--config", "configs/tiny.yaml", "--sync", "merged", "--dry-run")
+    assert merged.returncode == 0, merged.stderr
+    line = merged.stdout.splitlines()[1].strip()
+    assert line.startswith("VLLM_SERVER_DEV_MODE=1 ") and "--enable-lora" not in line
 
 
 # ---------------------------------------------------------------------------- a run whose server dies
@@ -640,8 +664,8 @@ class ServedVLLM:
     """One ``egrsd serve --config configs/tiny.yaml`` process on 127.0.0.1 (its own process group), which a
     test may kill and start again on the same port."""
 
-    def __init__(self, log_file: Path) -> None:
-        self.port, self.log_file = free_port(), log_file
+    def __init__(self, log_file: Path, sync: str = "adapter") -> None:
+        self.port, self.log_file, self.sync = free_port(), log_file, sync
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -649,7 +673,7 @@ class ServedVLLM:
         with self.log_file.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port",
-                 str(self.port), "--", "--enforce-eager"],
+                 str(self.port), "--sync", self.sync, "--", "--enforce-eager"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 600
@@ -687,6 +711,17 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM
 @pytest.fixture(scope="module")
 def served(vllm_server: ServedVLLM) -> str:
     return vllm_server.url
+
+
+@pytest.fixture(scope="module")
+def merged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM]:
+    """A second real server, started by ``egrsd serve --sync merged`` (vLLM's development mode, no LoRA)."""
+    server = ServedVLLM(tmp_path_factory.mktemp("merged") / "server.log", sync="merged")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 def served_adapters(url: str) -> list[str]:
@@ -736,6 +771,64 @@ def test_greedy_rollouts_equal_hf_after_each_adapter_sync(served: str, lora_stud
     finally:
         engine.close()
     assert served_adapters(served) == []
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_greedy_rollouts_equal_hf_after_each_merged_sync(merged_server: ServedVLLM, lora_student) -> None:  # type: ignore[no-untyped-def]
+    """sync merged: the merged weights reach the server through vLLM's reload_weights; after each of two syncs
+    its greedy rollouts equal HF generate's on the PEFT student, the base (the teacher) is unchanged, a server
+    whose weights are no longer the run's is refused, and close() puts the base weights back."""
+    model, tokenizer, folder, prompts = lora_student
+    url = merged_server.url
+    engine = VLLMServerEngine(url=url, sync="merged", timeout_s=120.0)
+    hf = HFGenerateEngine()
+    hf.setup(model, tokenizer, model_path=folder, seed=0)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    engine.setup(model, tokenizer, model_path=folder, seed=0)
+    try:
+        earlier: list[tuple[int, ...]] = []
+        for step in (1, 2):
+            if step == 2:  # one real optimizer step moves the adapter
+                loss = -torch.log_softmax(model(input_ids=torch.tensor([prompts[0]])).logits[0, -1], -1)[7]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            engine.sync_policy(model, step)
+            ours, reference = engine.generate(prompts, greedy), hf.generate(prompts, greedy)
+            assert [r.completion_ids for r in ours] == [r.completion_ids for r in reference]
+            assert all(r.policy_version == step for r in ours)
+            for rollout in ours:
+                expected = sampled_logprobs(model, prompts[rollout.prompt_index], rollout.completion_ids)
+                assert rollout.logprobs is not None
+                assert max(abs(a - b) for a, b in zip(rollout.logprobs, expected, strict=True)) < 1e-4
+            if earlier:
+                assert [r.completion_ids for r in ours] != earlier
+            earlier = [r.completion_ids for r in ours]
+        assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if "lora_" not in n)
+        engine._request(url, "/update_weight_version", {"new_version": "someone-else"})
+        with pytest.raises(ServerError) as error:
+            engine.generate(prompts[:1], greedy)
+        assert one_line(error) == (
+            f"the vLLM server at {url} holds weights someone-else instead of {engine.policy} (restarted?): "
+            "rollouts refused"
+        )
+    finally:
+        engine.close()
+    with urllib.request.urlopen(url + "/weight_info", timeout=10) as answer:
+        assert json.load(answer)["weight_version"] == "base"
+    with model.disable_adapter():  # the server serves the base again
+        base = hf.generate(prompts[:1], greedy)
+    body = {"model": served_model_name(folder), "prompt": prompts[0], "max_tokens": 24, "temperature": 0.0,
+            "stop_token_ids": [0, 2], "return_token_ids": True}  # fmt: skip
+    request = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        ids = json.load(answer)["choices"][0]["token_ids"]
+    assert tuple(ids) == base[0].completion_ids
 
 
 @pytest.mark.vllm
