@@ -662,10 +662,14 @@ def test_one_step_ahead_resumes_exactly_and_zero_steps_stays_on_policy(lora_stud
 
 class ServedVLLM:
     """One ``egrsd serve --config configs/tiny.yaml`` process on 127.0.0.1 (its own process group), which a
-    test may kill and start again on the same port."""
+    test may kill and start again on the same port.
 
-    def __init__(self, log_file: Path, sync: str = "adapter") -> None:
-        self.port, self.log_file, self.sync = free_port(), log_file, sync
+    It runs with ``VLLM_SERVER_DEV_MODE=1`` in its environment besides what ``egrsd serve`` sets for adapter
+    sync, so that one server per module serves both sync modes (``egrsd serve --sync merged`` would set the
+    same variable and leave LoRA off; its flags are checked by the dry-run test, and bench/server.py runs it)."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.port, self.log_file = free_port(), log_file
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -673,8 +677,9 @@ class ServedVLLM:
         with self.log_file.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port",
-                 str(self.port), "--sync", self.sync, "--", "--enforce-eager"],
+                 str(self.port), "--", "--enforce-eager"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
             )  # fmt: skip
         deadline = time.monotonic() + 600
         while "vLLM server ready at" not in self.log_file.read_text():
@@ -711,17 +716,6 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM
 @pytest.fixture(scope="module")
 def served(vllm_server: ServedVLLM) -> str:
     return vllm_server.url
-
-
-@pytest.fixture(scope="module")
-def merged_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM]:
-    """A second real server, started by ``egrsd serve --sync merged`` (vLLM's development mode, no LoRA)."""
-    server = ServedVLLM(tmp_path_factory.mktemp("merged") / "server.log", sync="merged")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def served_adapters(url: str) -> list[str]:
@@ -775,12 +769,12 @@ def test_greedy_rollouts_equal_hf_after_each_adapter_sync(served: str, lora_stud
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_greedy_rollouts_equal_hf_after_each_merged_sync(merged_server: ServedVLLM, lora_student) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_rollouts_equal_hf_after_each_merged_sync(served: str, lora_student) -> None:  # type: ignore[no-untyped-def]
     """sync merged: the merged weights reach the server through vLLM's reload_weights; after each of two syncs
     its greedy rollouts equal HF generate's on the PEFT student, the base (the teacher) is unchanged, a server
     whose weights are no longer the run's is refused, and close() puts the base weights back."""
     model, tokenizer, folder, prompts = lora_student
-    url = merged_server.url
+    url = served
     engine = VLLMServerEngine(url=url, sync="merged", timeout_s=120.0)
     hf = HFGenerateEngine()
     hf.setup(model, tokenizer, model_path=folder, seed=0)
@@ -865,6 +859,17 @@ def test_seeded_rollouts_follow_the_request_index_and_equal_the_colocated_engine
     finally:
         colocated.close()
     assert [r.completion_ids for r in first] == [r.completion_ids for r in reference]
+    for served_rollout, colocated_rollout in zip(
+        first, reference, strict=True
+    ):  # both report vLLM's log-probs
+        assert colocated_rollout.logprobs is not None
+        assert (
+            max(
+                abs(a - b)
+                for a, b in zip(served_rollout.logprobs or (), colocated_rollout.logprobs, strict=True)
+            )
+            < 1e-5
+        )
 
 
 @pytest.mark.vllm
@@ -902,6 +907,30 @@ def test_three_fit_steps_through_the_server(
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert served_adapters(served) == []  # the run unloaded its last adapter at teardown
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_one_step_ahead_through_a_real_server_resumes_exactly(served: str, tmp_path: Path) -> None:
+    """4 steps with --data.async_steps 1 through the real server equal 2 steps + --ckpt_path + 2 steps (LoRA within
+    1e-6); step 0 trains on its own policy's rollouts (the server's log-probs then equal the student's within
+    1e-5, float32 on both sides), every later step on rollouts one version old."""
+    fit_through(served, tmp_path / "straight", "--data.async_steps", "1", "--trainer.max_steps", "4")
+    assert logged(tmp_path / "straight", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+    gaps = logged(tmp_path / "straight", "async/logprob_gap")
+    weights = logged(tmp_path / "straight", "async/is_weight_mean")
+    assert len(gaps) == 4 and gaps[0] < 1e-5 and all(0 < gap < 1 for gap in gaps)
+    assert len(weights) == 4 and weights[0] == pytest.approx(1.0, abs=1e-5)
+    fit_through(served, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "2")
+    fit_through(
+        served, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "4",
+        "--ckpt_path", str(tmp_path / "resumed/ckpt/last.ckpt"),
+    )  # fmt: skip
+    straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+    resumed = lora_tensors(tmp_path / "resumed/ckpt/last.ckpt")
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+    assert served_adapters(served) == []
 
 
 class KillServerAfter(L.Callback):
