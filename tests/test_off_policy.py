@@ -187,3 +187,44 @@ def test_bad_flags_name_themselves() -> None:
         match=r"^--data.async_steps 1 needs an engine that generates apart from the trainer, not HFGenerateEngine",
     ):
         RolloutDataModule(async_steps=1)
+
+
+# ---------------------------------------------------------------------------- the request one step ahead
+
+
+def test_the_batch_requested_ahead_is_the_one_the_dataloader_yields_next_across_an_epoch_end() -> None:
+    from egrsd_pl.datamodule import ResumableShardSampler
+    from egrsd_pl.problem import Problem
+
+    data = RolloutDataModule(batch_size=2)
+    data._kept = [Problem(str(i), f"p{i}", "", "") for i in range(5)]  # 2 full batches an epoch, 1 dropped
+    data._sampler = ResumableShardSampler(5, seed=3)
+    yielded = []
+    for epoch in (0, 1):
+        data._sampler.set_epoch(epoch)
+        order = list(data._sampler)
+        yielded += [(epoch, k + 1, [data._kept[i].id for i in order[2 * k : 2 * k + 2]]) for k in range(2)]
+    predicted = [
+        (e, b, [p.id for p in ps]) for e, b, ps in (data.next_problems(e, b) for e, b, _ in yielded[:-1])
+    ]
+    assert predicted == yielded[1:]  # (0, 1) -> (0, 2) -> (1, 1) -> (1, 2)
+
+
+def test_rollouts_requested_for_another_batch_are_refused() -> None:
+    from egrsd_pl.rollout.prefetch import RolloutPrefetcher
+
+    prefetcher = RolloutPrefetcher()
+    rollout = Rollout(0, (5, 2), "x", False, logprobs=(-0.1, -0.2), policy_version=3)
+    prefetcher.submit(lambda: [rollout], epoch=0, batch_in_epoch=2, problem_ids=["a"], seed=7)
+    saved = prefetcher.state_dict()  # waits for the request
+    assert saved is not None and saved["rollouts"][0]["policy_version"] == 3
+    restored = RolloutPrefetcher()
+    restored.load_state_dict(saved)
+    assert restored.take(epoch=0, batch_in_epoch=2, problem_ids=["a"], seed=7) == [rollout]
+    assert restored.take(epoch=0, batch_in_epoch=3, problem_ids=["b"], seed=8) is None  # nothing pending
+    restored.load_state_dict(saved)
+    with pytest.raises(
+        RuntimeError, match=r"for epoch 0 batch 2 \(seed 7\), not this step's epoch 0 batch 2 \(seed 8\)"
+    ):
+        restored.take(epoch=0, batch_in_epoch=2, problem_ids=["a"], seed=8)
+    prefetcher.close()

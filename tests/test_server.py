@@ -454,13 +454,13 @@ def test_serve_refuses_a_public_address_without_a_key() -> None:
         "error: --host 0.0.0.0 exposes the server beyond this machine: give it an --api-key (the run sends it as "
         "--data.engine.init_args.api_key), or keep the default --host 127.0.0.1"
     )
-    result = run_cli(
-        "serve", "--config", "configs/tiny.yaml", "--host", "0.0.0.0", "--api-key", "k", "--sync", "merged"
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "error: --host 0.0.0.0 with --sync merged would expose vLLM's development endpoints (/collective_rpc), which "
-        "no --api-key guards: merged sync serves 127.0.0.1 only (use --sync adapter across machines)"
+    from egrsd_pl.serve import check_binding
+
+    with pytest.raises(ValueError) as error:  # merged: even with a key
+        check_binding("0.0.0.0", "k", "merged")
+    assert one_line(error) == (
+        "--host 0.0.0.0 with --sync merged would expose vLLM's development endpoints (/collective_rpc), which no "
+        "--api-key guards: merged sync serves 127.0.0.1 only (use --sync adapter across machines)"
     )
 
 
