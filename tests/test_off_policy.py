@@ -159,8 +159,9 @@ def test_on_policy_batches_train_as_before_and_a_uniform_weight_scales_the_step(
     batch.off_policy = True
     loss, grads = step(module, batch)
     torch.testing.assert_close(loss, 1.5 * before[0], atol=1e-6, rtol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, 1.5 * before[1][name], atol=1e-7, rtol=1e-4)
+    for name, grad in grads.items():  # float32 cancellation: within 1e-5 of the tensor's largest entry
+        scale = float(before[1][name].abs().max())
+        torch.testing.assert_close(grad, 1.5 * before[1][name], atol=1e-5 * scale, rtol=1e-4)
     inputs = module.token_input_builders()["gated_teacher"](batch, module.sequence_advantages(batch))
     for shift, rho in ((math.log(1.5), 1.5), (math.log(3.0), 2.0)):  # 3 > C = 2: capped
         batch.sampler_logprobs = torch.where(mask, student - shift, torch.zeros(()))
