@@ -310,6 +310,12 @@ class RolloutDataModule(L.LightningDataModule):
                 f"--data.async_steps 1 has no rollouts to generate ahead for --model.objective "
                 f"{self._module().hparams.objective}: set it to 0"
             )
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        if hp.async_steps and accumulate != 1:
+            raise ValueError(
+                f"--data.async_steps 1 requests each optimizer step's batch one step ahead: it needs "
+                f"--trainer.accumulate_grad_batches 1, got {accumulate}"
+            )
         self._kept = kept
         self.check_lengths(builder, kept, longest_teacher=max(n for n in teacher_lengths if n <= budget))
         trainer = self.trainer

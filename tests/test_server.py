@@ -657,6 +657,21 @@ def test_one_step_ahead_resumes_exactly_and_zero_steps_stays_on_policy(lora_stud
         assert all(gap > 0.1 for gap in logged(tmp_path / "sync", "async/logprob_gap"))
 
 
+@pytest.mark.slow
+def test_one_step_ahead_refuses_gradient_accumulation(lora_student, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = lora_student[2]
+    with FakeServer(served_model_name(folder)) as fake, pytest.raises(ValueError) as error:
+        fit_through(
+            fake.url, tmp_path, "--data.async_steps", "1", "--trainer.accumulate_grad_batches", "2",
+            "--trainer.max_steps", "1",
+        )  # fmt: skip
+    assert one_line(error) == (
+        "--data.async_steps 1 requests each optimizer step's batch one step ahead: it needs "
+        "--trainer.accumulate_grad_batches 1, got 2"
+    )
+    assert fake.completions == []
+
+
 # ---------------------------------------------------------------------------- a real vLLM server
 
 
