@@ -534,9 +534,10 @@ class VLLMServerEngine(RolloutEngine):
         """A completion in the HF engine's convention (stop token kept), refused unless it comes from the
         policy asked for, ends at a stop token, or has exactly ``max_new_tokens`` ids."""
         served = str(response.get("model"))
-        if served != (self.policy if self.sync == "adapter" else self._served):
+        expected = self.policy if self.sync == "adapter" else self._served
+        if served != expected:
             raise ServerError(
-                f"the vLLM server at {url} answered with {served} instead of {self.policy}: rollout refused"
+                f"the vLLM server at {url} answered with {served} instead of {expected}: rollout refused"
             )
         choice = response["choices"][0]
         ids = [int(token) for token in choice.get("token_ids") or []]
