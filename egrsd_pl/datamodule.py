@@ -3,7 +3,9 @@
 The DataLoader yields plain problem batches. Right before each training step (Lightning's
 ``on_after_batch_transfer``) the batch's rollouts are sampled from the *current* policy, scored
 (verification + length shaping) and packed into aligned student and teacher inputs from token ids.
-Nothing is ever stale: a rollout is generated in the step that trains on it.
+By default nothing is ever stale: a rollout is generated in the step that trains on it. With
+``--data.async_steps 1`` (a vLLM server engine) the next batch's rollouts are requested at the start of
+each step and generated while it trains, one policy update old (docs/algorithm.md#off-policy-rollouts-one-step-async).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from egrsd_pl.rollout.base import (
     model_context_length,
 )
 from egrsd_pl.rollout.hf import HFGenerateEngine
+from egrsd_pl.rollout.prefetch import RolloutPrefetcher
 
 log = logging.getLogger(__name__)
 TeacherPrompt = Literal["reference", "concise"]
@@ -50,7 +53,12 @@ class RolloutBatch:
         student: Student prompt + completion, packed (``sft``: + reference solution).
         teacher: Teacher prompt (privileged, or CRISP's concise one) + the same completion ids
             (``None`` for ``sft``).
-        rollout_seconds: Wall time spent generating.
+        rollout_seconds: Wall time spent generating (one step ahead: waiting for the rollouts).
+        sampler_logprobs: ``[N, T]`` float32 log-probs of the completion tokens under the policy that sampled
+            them, as the engine reported them (0 at padding), or ``None`` when the engine reports none.
+        policy_versions: ``[N]`` long optimizer step whose policy sampled each rollout, or ``None``.
+        off_policy: True when the rollouts were requested one step ahead (``--data.async_steps 1``): the
+            module then corrects them with truncated importance weights.
     """
 
     problems: list[Problem]
@@ -61,6 +69,9 @@ class RolloutBatch:
     student: PackedBatch
     teacher: PackedBatch | None
     rollout_seconds: float = 0.0
+    sampler_logprobs: Tensor | None = None
+    policy_versions: Tensor | None = None
+    off_policy: bool = False
 
     def to(self, device: torch.device) -> RolloutBatch:
         def move(packed: PackedBatch | None) -> PackedBatch | None:
@@ -73,6 +84,10 @@ class RolloutBatch:
         )
         self.student = move(self.student)  # type: ignore[assignment]
         self.teacher = move(self.teacher)
+        if self.sampler_logprobs is not None:
+            self.sampler_logprobs = self.sampler_logprobs.to(device)
+        if self.policy_versions is not None:
+            self.policy_versions = self.policy_versions.to(device)
         return self
 
 
@@ -120,16 +135,19 @@ class ResumableShardSampler(Sampler[int]):
         # epoch when that counter reaches len(dataloader); a shorter length would end later epochs early.
         return self.num_items // self.world_size
 
-    def __iter__(self) -> Iterator[int]:
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's items of ``epoch``, in order (what :meth:`__iter__` yields for it, before any skip)."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = list(range(self.num_items))
         per_rank = self.num_items // self.world_size
-        shard = order[self.rank : per_rank * self.world_size : self.world_size]
+        return order[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
-        yield from shard[skip:]
+        yield from self.shard(self.epoch)[skip:]
 
 
 def _collate_problems(problems: list[Problem]) -> list[Problem]:
@@ -169,6 +187,10 @@ class RolloutDataModule(L.LightningDataModule):
         crisp_instruction: The conciseness instruction of CRISP's teacher (``--model.objective crisp``
             only), prepended to the student's prompt as a system turn; the default is our own wording of
             CRISP's intent (see README to paste the authors' text).
+        async_steps: 0 (default): every step trains on rollouts of its own policy. 1: the next batch's
+            rollouts are generated while this step trains, by the policy one update older, and corrected by
+            truncated importance sampling (``--model.is_cap``); needs an engine that generates apart from the
+            trainer (:class:`~egrsd_pl.rollout.server.VLLMServerEngine`, ``configs/server.yaml``).
     """
 
     if TYPE_CHECKING:
@@ -198,6 +220,7 @@ class RolloutDataModule(L.LightningDataModule):
         verify_workers: int = 1,
         verify_timeout_s: float = 5.0,
         crisp_instruction: str = DEFAULT_CONCISE_INSTRUCTION,
+        async_steps: int = 0,
     ) -> None:
         super().__init__()
         if not crisp_instruction.strip():
@@ -219,6 +242,17 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.save_hyperparameters(ignore=["engine"])
         self.engine: RolloutEngine = engine if engine is not None else HFGenerateEngine()
+        if async_steps not in (0, 1):
+            raise ValueError(
+                f"--data.async_steps must be 0 (on-policy) or 1 (one step ahead), got {async_steps}"
+            )
+        if async_steps and not self.engine.generates_apart:
+            raise ValueError(
+                f"--data.async_steps 1 needs an engine that generates apart from the trainer, not "
+                f"{type(self.engine).__name__} (which samples the training process's own copy of the policy): "
+                "use egrsd_pl.rollout.server.VLLMServerEngine (--config configs/server.yaml)"
+            )
+        self.prefetcher = RolloutPrefetcher()
         self.verifier: AnswerVerifier | None = None
         self.problems: list[Problem] = []
         self.num_skipped_long = 0
@@ -227,6 +261,7 @@ class RolloutDataModule(L.LightningDataModule):
         self._epoch_seen = 0
         self._restored: dict[str, int] | None = None
         self._engine_ready = False
+        self._kept: list[Problem] = []
 
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
@@ -270,6 +305,18 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if not kept:
             raise ValueError(f"no training problem fits --data.max_length {self.hparams.max_length}")
+        if hp.async_steps and not spec.uses_rollouts:
+            raise ValueError(
+                f"--data.async_steps 1 has no rollouts to generate ahead for --model.objective "
+                f"{self._module().hparams.objective}: set it to 0"
+            )
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        if hp.async_steps and accumulate != 1:
+            raise ValueError(
+                f"--data.async_steps 1 requests each optimizer step's batch one step ahead: it needs "
+                f"--trainer.accumulate_grad_batches 1, got {accumulate}"
+            )
+        self._kept = kept
         self.check_lengths(builder, kept, longest_teacher=max(n for n in teacher_lengths if n <= budget))
         trainer = self.trainer
         self._sampler = ResumableShardSampler(
@@ -353,6 +400,8 @@ class RolloutDataModule(L.LightningDataModule):
         seed = _rollout_seed(
             self.hparams.seed, trainer.current_epoch, step, trainer.global_rank, self._batches_in_epoch
         )
+        if self.hparams.async_steps:
+            return self.make_batch_ahead(batch, module, step=step, seed=seed).to(module.device)
         return self.make_batch(batch, module, step=step, seed=seed).to(module.device)
 
     def make_batch(self, problems: list[Problem], module: Any, *, step: int, seed: int) -> RolloutBatch:
@@ -374,13 +423,66 @@ class RolloutDataModule(L.LightningDataModule):
         self.ensure_engine(module)
         self.engine.sync_policy(module.policy, step)
         start = time.perf_counter()
-        sampling = SamplingConfig(**{**self.sampling.__dict__, "seed": seed})
+        sampling = self._sampling(seed)
         rollouts = self.engine.generate(student_prompts, sampling)
         rollout_seconds = time.perf_counter() - start
         rewards, correct = self.score(problems, rollouts)
         batch = self.pack_rollouts(problems, rollouts, module, rewards=rewards, correct=correct)
         batch.rollout_seconds = rollout_seconds
         return batch
+
+    def make_batch_ahead(self, problems: list[Problem], module: Any, *, step: int, seed: int) -> RolloutBatch:
+        """One-step-async step 1: this batch's rollouts were requested one step ago (the run's first step
+        samples them now); after syncing this step's policy, the next batch's are requested in the background.
+
+        The order keeps the policy versions consistent: the request in flight finishes before the servers
+        switch to this step's policy, and the next request samples that policy while the step trains on it.
+        """
+        trainer = self.trainer
+        assert trainer is not None
+        self.ensure_engine(module)
+        builder: PromptBuilder = module.prompt_builder
+        epoch, index = trainer.current_epoch, self._batches_in_epoch
+        start = time.perf_counter()
+        rollouts = self.prefetcher.take(
+            epoch=epoch, batch_in_epoch=index, problem_ids=[p.id for p in problems], seed=seed
+        )
+        self.engine.sync_policy(module.policy, step)
+        if rollouts is None:  # nothing was requested ahead: the run's first step samples its policy now
+            rollouts = self.engine.generate(
+                [builder.student_prompt_ids(p.problem) for p in problems], self._sampling(seed)
+            )
+        rollout_seconds = time.perf_counter() - start
+        next_epoch, next_index, upcoming = self.next_problems(epoch, index)
+        next_seed = _rollout_seed(self.hparams.seed, next_epoch, step + 1, trainer.global_rank, next_index)
+        prompts, sampling = (
+            [builder.student_prompt_ids(p.problem) for p in upcoming],
+            self._sampling(next_seed),
+        )
+        self.prefetcher.submit(
+            lambda: self.engine.generate(prompts, sampling),
+            epoch=next_epoch,
+            batch_in_epoch=next_index,
+            problem_ids=[p.id for p in upcoming],
+            seed=next_seed,
+        )
+        rewards, correct = self.score(problems, rollouts)
+        batch = self.pack_rollouts(problems, rollouts, module, rewards=rewards, correct=correct)
+        batch.rollout_seconds, batch.off_policy = rollout_seconds, True
+        return batch
+
+    def next_problems(self, epoch: int, batch_in_epoch: int) -> tuple[int, int, list[Problem]]:
+        """``(epoch, 1-based batch of the epoch, problems)`` of the batch after ``batch_in_epoch`` of ``epoch``,
+        as the DataLoader will yield it (the sampler's order, ``drop_last``)."""
+        assert self._sampler is not None
+        size = self.hparams.batch_size
+        if batch_in_epoch >= len(self._sampler) // size:  # the last full batch: the next epoch's first
+            epoch, batch_in_epoch = epoch + 1, 0
+        items = self._sampler.shard(epoch)[batch_in_epoch * size : (batch_in_epoch + 1) * size]
+        return epoch, batch_in_epoch + 1, [self._kept[i] for i in items]
+
+    def _sampling(self, seed: int) -> SamplingConfig:
+        return SamplingConfig(**{**self.sampling.__dict__, "seed": seed})
 
     def pack_rollouts(
         self,
@@ -411,6 +513,14 @@ class RolloutDataModule(L.LightningDataModule):
         student_prompts = [builder.student_prompt_ids(p.problem) for p in problems]
         completions = [list(r.completion_ids) for r in rollouts]
         owners = [problems[r.prompt_index] for r in rollouts]
+        sampler_logprobs = None
+        if rollouts and all(r.logprobs is not None for r in rollouts):
+            sampler_logprobs = torch.zeros(len(rollouts), max(r.length for r in rollouts))  # [N, T]
+            for row, rollout in enumerate(rollouts):
+                sampler_logprobs[row, : rollout.length] = torch.tensor(rollout.logprobs, dtype=torch.float32)
+        policy_versions = None
+        if rollouts and all(r.policy_version is not None for r in rollouts):
+            policy_versions = torch.tensor([r.policy_version for r in rollouts], dtype=torch.long)  # [N]
         return RolloutBatch(
             problems=list(problems),
             rollouts=list(rollouts),
@@ -423,6 +533,8 @@ class RolloutDataModule(L.LightningDataModule):
             teacher=pack_completions(
                 [self.teacher_prompt_ids(builder, kind, p) for p in owners], completions, pad_id=pad_id
             ),
+            sampler_logprobs=sampler_logprobs,
+            policy_versions=policy_versions,
         )
 
     def score(self, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> tuple[Tensor, Tensor]:
@@ -457,6 +569,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._engine_ready = True
 
     def teardown(self, stage: str) -> None:
+        self.prefetcher.close()
         if self._engine_ready:
             self.engine.close()
             self._engine_ready = False
@@ -466,18 +579,25 @@ class RolloutDataModule(L.LightningDataModule):
 
     # --------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
+        """Where the problem order stands and, one step ahead, the rollouts in flight (waited for: they come
+        from a policy the checkpoint does not hold, see :mod:`egrsd_pl.rollout.prefetch`)."""
         epoch = self.trainer.current_epoch if self.trainer else 0
+        state: dict[str, Any] = {"epoch": epoch, "batches_in_epoch": self._batches_in_epoch}
         if (
             epoch != self._epoch_seen
         ):  # Lightning closed the epoch of the counted batches: the next one starts
-            return {"epoch": epoch, "batches_in_epoch": 0}
-        return {"epoch": epoch, "batches_in_epoch": self._batches_in_epoch}
+            state["batches_in_epoch"] = 0
+        if self.hparams.async_steps:
+            state["rollouts_ahead"] = self.prefetcher.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = {
             "epoch": int(state_dict["epoch"]),
             "batches_in_epoch": int(state_dict["batches_in_epoch"]),
         }
+        if self.hparams.async_steps:
+            self.prefetcher.load_state_dict(state_dict.get("rollouts_ahead"))
 
 
 def _rollout_seed(seed: int, epoch: int, step: int, rank: int, batch_in_epoch: int) -> int:

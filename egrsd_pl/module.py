@@ -21,6 +21,7 @@ from egrsd_pl.backbone import ModelPathError, load_backbone, resolve_model_path
 from egrsd_pl.datamodule import RolloutBatch
 from egrsd_pl.losses import (
     DEFAULT_GATE,
+    DEFAULT_IMPORTANCE_CAP,
     OBJECTIVES,
     GateConfig,
     LossStats,
@@ -33,11 +34,14 @@ from egrsd_pl.losses import (
     compute_objective,
     confidence_gate,
     group_relative_advantages,
+    logprob_gap,
     masked_max,
+    masked_mean,
     student_token_logprobs,
     teacher_token_stats,
     token_kl,
     token_quantities,
+    truncated_importance_weights,
 )
 from egrsd_pl.prompts import PackedBatch, PromptBuilder
 from egrsd_pl.stats import RunningRewardStats
@@ -85,6 +89,8 @@ class EGRSDModule(L.LightningModule):
         logit_chunk_size: Completion positions projected to the vocabulary at a time.
         log_text_every_n_steps: Write one rollout (prompt, completion, reward) to TensorBoard every
             N optimizer steps (0 disables).
+        is_cap: Cap ``C`` of the truncated importance weight ``ρ = min(p_θ(y_t) / q(y_t), C)`` that corrects
+            rollouts generated one step ahead (``--data.async_steps 1``; Yao et al. 2025, TIS). Unused on-policy.
     """
 
     if TYPE_CHECKING:
@@ -116,6 +122,7 @@ class EGRSDModule(L.LightningModule):
         teacher_thinking: bool = True,
         logit_chunk_size: int = 1024,
         log_text_every_n_steps: int = 10,
+        is_cap: float = DEFAULT_IMPORTANCE_CAP,
     ) -> None:
         super().__init__()
         _validate(objective, teacher, eps=eps)
@@ -127,6 +134,8 @@ class EGRSDModule(L.LightningModule):
             raise ValueError(f"--model.learning_rate must be > 0, got {learning_rate}")
         if logit_chunk_size < 1:
             raise ValueError(f"--model.logit_chunk_size must be >= 1, got {logit_chunk_size}")
+        if not is_cap > 0:
+            raise ValueError(f"--model.is_cap must be > 0, got {is_cap}")
         self.save_hyperparameters()
         self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGETS)
         self.policy: Any = None
@@ -221,6 +230,8 @@ class EGRSDModule(L.LightningModule):
         advantages = self.sequence_advantages(batch)  # [N]
         # Steps 4–5: the per-token quantities this objective reads (student and teacher passes).
         inputs = self.token_input_builders()[spec.token_inputs](batch, advantages)
+        # Rollouts generated one step ahead: truncated importance weights ρ (docs/algorithm.md#off-policy-rollouts-one-step-async).
+        inputs, rollout_metrics = self.correct_off_policy(batch, inputs)
         # Steps 6–8 per token: H, δ, step 7's denominator in the configured scope and the gate ω (only
         # where a confidence gate reads the entropy); `egrsd diagnose` computes them with the same method.
         quantities = self.gate_quantities(inputs, self.gate if spec.gated else None)
@@ -237,8 +248,43 @@ class EGRSDModule(L.LightningModule):
         # Step 13: queue the rewards; callbacks.RewardStatistics merges them after the optimizer step.
         if spec.uses_rollouts:
             self.running_reward_statistics().record(batch.rewards)
-        self.log_training_step(batch, loss, stats, advantages, quantities)
+        self.log_training_step(batch, loss, stats, advantages, quantities, rollout_metrics)
         return {"loss": loss, "token_quantities": quantities}
+
+    def correct_off_policy(
+        self, batch: RolloutBatch, inputs: ObjectiveInputs
+    ) -> tuple[ObjectiveInputs, dict[str, Tensor]]:
+        """Compares the sampler's log-probs with the student's and, for rollouts generated one step ahead,
+        sets the truncated importance weights ``ρ`` of the objectives that read them.
+
+        Logs ``async/staleness`` (mean ``step − policy version`` of the rollouts, where the engine reports
+        versions), ``async/logprob_gap`` (mean ``|log p_θ(y_t) − log q(y_t)|``, where the engine reports
+        log-probs and the objective computes ``log p_θ`` of the sampled tokens) and, when ``ρ`` is applied,
+        ``async/is_weight_mean``.
+
+        Decision (docs/algorithm.md#off-policy-rollouts-one-step-async): ``ρ`` multiplies the token advantage
+        of ``grpo``, ``rlsd``, ``egrsd`` and ``cl_egrsd``; the KL objectives (``opsd``, ``crisp``) sum a
+        full-vocabulary divergence at each visited prefix, with no sampled-token term to reweight, and train
+        on the one-step-old prefixes uncorrected.
+        """
+        metrics: dict[str, Tensor] = {}
+        if batch.policy_versions is not None:
+            metrics["async/staleness"] = (self.global_step - batch.policy_versions).float().mean()
+        sampler, student = batch.sampler_logprobs, inputs.student_logp
+        if sampler is None or student is None or not batch.rollouts:
+            if batch.off_policy and self.objective_spec.importance_weighted:
+                raise RuntimeError(
+                    "rollouts generated one step ahead carry no sampler log-probs to correct them"
+                )
+            return inputs, metrics
+        metrics["async/logprob_gap"] = logprob_gap(student, sampler, inputs.mask)
+        if not (batch.off_policy and self.objective_spec.importance_weighted):
+            return inputs, metrics
+        weights = truncated_importance_weights(
+            student, sampler, inputs.mask, cap=self.hparams.is_cap
+        )  # [N, T]
+        metrics["async/is_weight_mean"] = masked_mean(weights, inputs.mask)
+        return inputs._replace(importance_weights=weights), metrics
 
     def gate_quantities(self, inputs: ObjectiveInputs, gate: GateConfig | None) -> TokenQuantities:
         """Steps 6–8 per token, detached: ``H``, ``δ = log p_T − log p_S``, the normaliser and the gate ``ω``.
@@ -397,10 +443,11 @@ class EGRSDModule(L.LightningModule):
         stats: LossStats,
         advantages: Tensor | None,
         quantities: TokenQuantities,
+        rollout_metrics: dict[str, Tensor] | None = None,
     ) -> None:
         """Logs the step's scalars; metrics are averaged over ranks, maxima and minima reduced with max / min."""
         n = batch.student.completion_mask.size(0)
-        metrics: dict[str, Any] = {"train/loss": loss.detach()}
+        metrics: dict[str, Any] = {"train/loss": loss.detach(), **(rollout_metrics or {})}
         if batch.rollouts:
             lengths = batch.student.completion_mask.sum(-1).float()  # [N]
             truncated = torch.tensor([r.truncated for r in batch.rollouts], dtype=torch.float32)

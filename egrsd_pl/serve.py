@@ -9,6 +9,10 @@ on another node), then stays in the foreground until the server exits or is inte
 
 Safe by default: it binds 127.0.0.1; any other address needs ``--api-key`` (vLLM then refuses every
 ``/v1`` request without it, and the training run sends it as ``--data.engine.init_args.api_key``).
+
+``--sync merged`` (the run's ``--data.engine.init_args.sync merged``) starts vLLM in its development mode
+(``VLLM_SERVER_DEV_MODE=1``: ``/collective_rpc``, ``/reset_prefix_cache``, ``/update_weight_version``,
+``/weight_info``) without LoRA; those endpoints are outside the API key's guard, so it binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -85,7 +89,13 @@ def vllm_launcher() -> list[str]:
 
 
 def server_command(
-    spec: ServerSpec, *, host: str, port: int, extra: Sequence[str] = (), on_cpu: bool | None = None
+    spec: ServerSpec,
+    *,
+    host: str,
+    port: int,
+    extra: Sequence[str] = (),
+    on_cpu: bool | None = None,
+    sync: str = "adapter",
 ) -> list[str]:
     """The server's command line (the environment comes from :func:`server_environment`)."""
     if on_cpu is None:
@@ -105,11 +115,11 @@ def server_command(
         spec.dtype,
         "--max-model-len",
         str(spec.max_model_len),
-        "--enable-lora",
-        "--max-lora-rank",
-        str(spec.max_lora_rank),
-        "--max-loras",
-        "1",  # one policy version at a time: the previous one is unloaded after each sync
+    ]
+    if sync == "adapter":
+        # one policy version at a time: the previous one is unloaded after each sync
+        command += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", "1"]
+    command += [
         "--generation-config",
         "vllm",  # sampling from the request only (the folder's generation_config.json is ignored)
         "--seed",
@@ -121,17 +131,29 @@ def server_command(
     return [*command, *extra]
 
 
-def server_environment(api_key: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_environment(
+    api_key: str | None, base: dict[str, str] | None = None, *, sync: str = "adapter"
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    env.update(sync_environment(sync))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if api_key:
         env[API_KEY_ENV] = api_key
     return env
 
 
-def check_binding(host: str, api_key: str | None) -> None:
-    """Refuses a non-loopback address without an API key."""
+def sync_environment(sync: str) -> dict[str, str]:
+    """The variables vLLM reads for a sync mode: runtime LoRA loading, or the development endpoints."""
+    return {"VLLM_SERVER_DEV_MODE": "1"} if sync == "merged" else {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+
+
+def check_binding(host: str, api_key: str | None, sync: str = "adapter") -> None:
+    """Refuses a non-loopback address without an API key, and any non-loopback address for merged sync."""
+    if host not in LOOPBACK and sync == "merged":
+        raise ValueError(
+            f"--host {host} with --sync merged would expose vLLM's development endpoints (/collective_rpc), which "
+            "no --api-key guards: merged sync serves 127.0.0.1 only (use --sync adapter across machines)"
+        )
     if host not in LOOPBACK and not api_key:
         raise ValueError(
             f"--host {host} exposes the server beyond this machine: give it an --api-key (the run sends it as "
@@ -139,9 +161,9 @@ def check_binding(host: str, api_key: str | None) -> None:
         )
 
 
-def printable(command: Sequence[str], api_key: str | None) -> str:
+def printable(command: Sequence[str], api_key: str | None, sync: str = "adapter") -> str:
     """The plain command with its environment, the key as ``$VLLM_API_KEY``."""
-    env = "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1"
+    env = " ".join(f"{name}={value}" for name, value in sync_environment(sync).items())
     if api_key:
         env += f' {API_KEY_ENV}="$VLLM_API_KEY"'
     return f"{env} {shlex.join(command)}"
@@ -177,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(API_KEY_ENV),
         help=f"key every /v1 request must carry (default ${API_KEY_ENV}); required off 127.0.0.1",
     )
+    parser.add_argument(
+        "--sync",
+        choices=["adapter", "merged"],
+        default="adapter",
+        help="the run's --data.engine.init_args.sync: adapter (runtime LoRA loading) or merged (vLLM's "
+        "development endpoints, 127.0.0.1 only)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command and exit")
     return parser
@@ -190,15 +219,15 @@ def main(argv: Sequence[str], *, parse_config: Callable[[list[str]], Any]) -> in
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
-    check_binding(args.host, args.api_key)
+    check_binding(args.host, args.api_key, args.sync)
     config_args = [item for path in args.config for item in ("--config", path)]
     spec = spec_from_config(parse_config(config_args))
-    command = server_command(spec, host=args.host, port=args.port, extra=extra)
-    print(f"vLLM server command:\n  {printable(command, args.api_key)}", flush=True)
+    command = server_command(spec, host=args.host, port=args.port, extra=extra, sync=args.sync)
+    print(f"vLLM server command:\n  {printable(command, args.api_key, args.sync)}", flush=True)
     if args.dry_run:
         return 0
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    process = subprocess.Popen(command, env=server_environment(args.api_key))
+    process = subprocess.Popen(command, env=server_environment(args.api_key, sync=args.sync))
 
     def stop(signum: int, frame: Any) -> None:
         process.terminate()
@@ -212,7 +241,8 @@ def main(argv: Sequence[str], *, parse_config: Callable[[list[str]], Any]) -> in
             return 1
         print(
             f"vLLM server ready at {url} (model {spec.model_path} served as {served_model_name(spec.model_path)}); "
-            f"train with --config configs/server.yaml --data.engine.init_args.url {url}",
+            f"train with --config configs/server.yaml --data.engine.init_args.url {url}"
+            + (" --data.engine.init_args.sync merged" if args.sync == "merged" else ""),
             flush=True,
         )
         return process.wait()

@@ -8,6 +8,7 @@ With vLLM (``vllm`` marker): one real server started by ``egrsd serve`` for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,11 +20,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -46,8 +48,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FakeServer:
     """Answers /health, /v1/models, /v1/{load,unload}_lora_adapter and /v1/completions like vLLM 0.32.
 
-    Every completion is ``completion`` (token ids) with log-prob -0.5 each; ``fail_after`` completions
-    later every completion gets a 503. Records every request body.
+    Every completion is ``completion`` (token ids) with log-prob -0.5 each, or what ``completion(body)``
+    returns as ``(token ids, log-probs)``; ``fail_after`` completions later every completion gets a 503.
+    Records every request body.
     """
 
     def __init__(
@@ -56,7 +59,7 @@ class FakeServer:
         *,
         api_key: str | None = None,
         lora: str = "ok",
-        completion: list[int] | None = None,
+        completion: list[int] | Callable[[dict[str, Any]], tuple[list[int], list[float]]] | None = None,
         answer_model: str | None = None,
         fail_after: int | None = None,
     ) -> None:
@@ -140,13 +143,17 @@ class FakeServer:
                             fake.failed += 1
                             return self.error(503, "engine is dead", "ServiceUnavailable")
                         fake.completions.append(body)
-                    ids = fake.completion[: body["max_tokens"]]
+                    if callable(fake.completion):
+                        ids, logprobs = fake.completion(body)
+                    else:
+                        ids = fake.completion[: body["max_tokens"]]
+                        logprobs = [-0.5] * len(ids)
                     finish = "stop" if set(ids) & set(body["stop_token_ids"]) else "length"
                     choice = {
                         "index": 0,
                         "text": "",
                         "token_ids": ids,
-                        "logprobs": {"token_logprobs": [-0.5] * len(ids)},
+                        "logprobs": {"token_logprobs": logprobs},
                         "finish_reason": finish,
                     }
                     return self.reply(200, {"model": fake.answer_model or body["model"], "choices": [choice]})
@@ -233,7 +240,8 @@ def test_policy_names_parse() -> None:
     [
         (dict(url=[]), "url"),
         (dict(url="127.0.0.1:8000"), "url"),
-        (dict(sync="merged"), "sync merged is not implemented"),
+        (dict(sync="merged", url="http://10.1.2.3:8000"), "sync merged drives vLLM's development endpoints"),
+        (dict(sync="lora"), "sync must be 'adapter' or 'merged'"),
         (dict(timeout_s=0), "timeout_s"),
         (dict(retries=-1), "retries"),
         (dict(concurrency=0), "concurrency"),
@@ -446,6 +454,25 @@ def test_serve_refuses_a_public_address_without_a_key() -> None:
         "error: --host 0.0.0.0 exposes the server beyond this machine: give it an --api-key (the run sends it as "
         "--data.engine.init_args.api_key), or keep the default --host 127.0.0.1"
     )
+    from egrsd_pl.serve import check_binding
+
+    with pytest.raises(ValueError) as error:  # merged: even with a key
+        check_binding("0.0.0.0", "k", "merged")
+    assert one_line(error) == (
+        "--host 0.0.0.0 with --sync merged would expose vLLM's development endpoints (/collective_rpc), which no "
+        "--api-key guards: merged sync serves 127.0.0.1 only (use --sync adapter across machines)"
+    )
+
+
+def test_merged_sync_needs_the_development_endpoints(lora_student) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer, folder, _ = lora_student
+    with FakeServer(served_model_name(folder)) as fake, pytest.raises(ServerError) as error:
+        engine_on(fake, sync="merged").setup(model, tokenizer, model_path=folder, seed=0)
+    assert one_line(error) == (
+        f"the vLLM server at {fake.url} has no development endpoints (/reset_prefix_cache: HTTP 404: Not Found; "
+        "--data.engine.init_args.sync merged needs VLLM_SERVER_DEV_MODE=1); start it with egrsd serve --config "
+        "CONFIG --sync merged"
+    )
 
 
 @pytest.mark.slow
@@ -466,6 +493,10 @@ def test_serve_dry_run_prints_the_flags_the_sync_needs() -> None:
         "--max-model-len 1024 --enable-lora --max-lora-rank 16 --max-loras 1 --generation-config vllm --seed 0"
     )
     assert tail in line and line.endswith("--enforce-eager")
+    merged = run_cli("serve", "--config", "configs/tiny.yaml", "--sync", "merged", "--dry-run")
+    assert merged.returncode == 0, merged.stderr
+    line = merged.stdout.splitlines()[1].strip()
+    assert line.startswith("VLLM_SERVER_DEV_MODE=1 ") and "--enable-lora" not in line
 
 
 # ---------------------------------------------------------------------------- a run whose server dies
@@ -526,38 +557,180 @@ def test_two_ddp_ranks_share_the_servers_and_only_rank_0_syncs(lora_student, tmp
     assert asked == [f"policy-v0-{run}"] * 4 + [f"policy-v1-{run}"] * 4  # 2 steps x 2 ranks x 2 problems
 
 
+# ---------------------------------------------------------------------------- one step ahead (--data.async_steps 1)
+
+
+def fit_through(url: str, root: Path, *extra: str) -> None:
+    """A short ``fit`` of configs/tiny.yaml through the server at ``url``: batch 2, a checkpoint every step,
+    metrics in a CSV file under ``root``."""
+    from egrsd_pl.cli import build_cli
+
+    args = [
+        "fit", "--config", "configs/tiny.yaml", "--config", "configs/server.yaml",
+        "--data.engine.init_args.url", url, "--data.engine.init_args.retry_backoff_s", "0",
+        "--data.batch_size", "2", "--trainer.default_root_dir", str(root),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+        "--checkpoint.dirpath", str(root / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+        "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0", "--summary.enabled", "false",
+        "--torch_threads", "1", *extra,
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        build_cli(args)
+    finally:
+        os.chdir(cwd)
+
+
+def logged(root: Path, name: str) -> list[float]:
+    """The values of one metric, step by step, from every CSV file under ``root`` (runs in order)."""
+    import csv
+
+    values = []
+    for path in sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+        values += [float(row[name]) for row in csv.DictReader(path.open()) if row.get(name)]
+    return values
+
+
+def lora_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return {name: tensor for name, tensor in state.items() if "lora_" in name}
+
+
+def versioned_completion(eos: int) -> Callable[[dict[str, Any]], tuple[list[int], list[float]]]:
+    """Completion ``[10 + v, eos]`` with log-probs ``-1 - v / 10`` for policy version ``v``: a rollout of
+    another version than the one the run asked for trains differently."""
+
+    def complete(body: dict[str, Any]) -> tuple[list[int], list[float]]:
+        version = policy_version(body["model"])
+        assert version is not None
+        return [10 + version, eos], [-1.0 - version / 10] * 2
+
+    return complete
+
+
+@pytest.mark.slow
+def test_one_step_ahead_resumes_exactly_and_zero_steps_stays_on_policy(lora_student, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Against the fake (each policy version answers its own completion): 4 straight steps one step ahead
+    equal 2 steps + --ckpt_path + 2 steps (the in-flight rollouts of step 2 come from the checkpoint, made by
+    policy 1, not regenerated by policy 2); each step's rollouts are one version old; --data.async_steps 0
+    asks each step's own version and logs staleness 0."""
+    tokenizer, folder = lora_student[1], lora_student[2]
+    complete = versioned_completion(tokenizer.eos_token_id)
+    with FakeServer(served_model_name(folder), completion=complete) as fake:
+
+        def versions_asked(since: int) -> list[int]:
+            return [policy_version(b["model"]) or 0 for b in fake.completions[since:]]
+
+        fit_through(fake.url, tmp_path / "straight", "--data.async_steps", "1", "--trainer.max_steps", "4")
+        # step 0 samples its batch and requests the next from version 0; step t > 0 requests batch t + 1 from
+        # version t (the last request is never trained on); 2 rollouts a batch
+        assert versions_asked(0) == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+        assert logged(tmp_path / "straight", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+        weights = logged(tmp_path / "straight", "async/is_weight_mean")
+        assert len(weights) == 4 and all(0 < w <= 2.0 for w in weights)
+
+        asked = len(fake.completions)
+        fit_through(fake.url, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "2")
+        checkpoint = torch.load(tmp_path / "resumed/ckpt/last.ckpt", map_location="cpu", weights_only=False)
+        ahead = checkpoint["RolloutDataModule"]["rollouts_ahead"]
+        assert [r["policy_version"] for r in ahead["rollouts"]] == [1, 1]  # batch 3, requested by step 1
+        fit_through(
+            fake.url, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "4",
+            "--ckpt_path", str(tmp_path / "resumed/ckpt/last.ckpt"),
+        )  # fmt: skip
+        assert versions_asked(asked) == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]  # nothing asked twice after the resume
+        assert logged(tmp_path / "resumed", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+        straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+        resumed = lora_tensors(tmp_path / "resumed/ckpt/last.ckpt")
+        assert straight.keys() == resumed.keys() and len(straight) > 0
+        assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+        trained = [float(v.abs().max()) for k, v in straight.items() if "lora_B" in k]  # B starts at 0
+        assert max(trained) > 0
+
+        asked = len(fake.completions)
+        fit_through(fake.url, tmp_path / "sync", "--data.async_steps", "0", "--trainer.max_steps", "2")
+        assert versions_asked(asked) == [0, 0, 1, 1]
+        assert logged(tmp_path / "sync", "async/staleness") == [0.0, 0.0]
+        assert logged(tmp_path / "sync", "async/is_weight_mean") == []
+        # the fake's log-prob of 10 + v under the student is far from -1 - v/10: logged, not corrected
+        assert all(gap > 0.1 for gap in logged(tmp_path / "sync", "async/logprob_gap"))
+
+
+@pytest.mark.slow
+def test_one_step_ahead_refuses_gradient_accumulation(lora_student, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = lora_student[2]
+    with FakeServer(served_model_name(folder)) as fake, pytest.raises(ValueError) as error:
+        fit_through(
+            fake.url, tmp_path, "--data.async_steps", "1", "--trainer.accumulate_grad_batches", "2",
+            "--trainer.max_steps", "1",
+        )  # fmt: skip
+    assert one_line(error) == (
+        "--data.async_steps 1 requests each optimizer step's batch one step ahead: it needs "
+        "--trainer.accumulate_grad_batches 1, got 2"
+    )
+    assert fake.completions == []
+
+
 # ---------------------------------------------------------------------------- a real vLLM server
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One ``egrsd serve --config configs/tiny.yaml`` on 127.0.0.1 for the module; stopped (its whole
-    process group) at the end, whatever happened."""
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("server") / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port", str(port),
-             "--", "--enforce-eager"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
+class ServedVLLM:
+    """One ``egrsd serve --config configs/tiny.yaml`` process on 127.0.0.1 (its own process group), which a
+    test may kill and start again on the same port.
+
+    It runs with ``VLLM_SERVER_DEV_MODE=1`` in its environment besides what ``egrsd serve`` sets for adapter
+    sync, so that one server per module serves both sync modes (``egrsd serve --sync merged`` would set the
+    same variable and leave LoRA off; its flags are checked by the dry-run test, and bench/server.py runs it)."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.port, self.log_file = free_port(), log_file
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_file.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "egrsd_pl.cli", "serve", "--config", "configs/tiny.yaml", "--port",
+                 str(self.port), "--", "--enforce-eager"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
+            )  # fmt: skip
         deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"egrsd serve exited: {log_file.read_text()[-3000:]}"
+        while "vLLM server ready at" not in self.log_file.read_text():
+            assert self.process.poll() is None, f"egrsd serve exited: {self.log_file.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the vLLM server was not ready after 600 s"
-            if "vLLM server ready at" in log_file.read_text():
-                break
             time.sleep(1)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signals the whole process group (``egrsd serve`` and vLLM's engine processes) and waits."""
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        os.killpg(process.pid, sig)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with contextlib.suppress(ProcessLookupError):  # engine processes left behind by a SIGKILL
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedVLLM]:
+    """One real server for the module; stopped at the end, whatever happened."""
+    server = ServedVLLM(tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(vllm_server: ServedVLLM) -> str:
+    return vllm_server.url
 
 
 def served_adapters(url: str) -> list[str]:
@@ -611,6 +784,64 @@ def test_greedy_rollouts_equal_hf_after_each_adapter_sync(served: str, lora_stud
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_greedy_rollouts_equal_hf_after_each_merged_sync(served: str, lora_student) -> None:  # type: ignore[no-untyped-def]
+    """sync merged: the merged weights reach the server through vLLM's reload_weights; after each of two syncs
+    its greedy rollouts equal HF generate's on the PEFT student, the base (the teacher) is unchanged, a server
+    whose weights are no longer the run's is refused, and close() puts the base weights back."""
+    model, tokenizer, folder, prompts = lora_student
+    url = served
+    engine = VLLMServerEngine(url=url, sync="merged", timeout_s=120.0)
+    hf = HFGenerateEngine()
+    hf.setup(model, tokenizer, model_path=folder, seed=0)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    engine.setup(model, tokenizer, model_path=folder, seed=0)
+    try:
+        earlier: list[tuple[int, ...]] = []
+        for step in (1, 2):
+            if step == 2:  # one real optimizer step moves the adapter
+                loss = -torch.log_softmax(model(input_ids=torch.tensor([prompts[0]])).logits[0, -1], -1)[7]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            engine.sync_policy(model, step)
+            ours, reference = engine.generate(prompts, greedy), hf.generate(prompts, greedy)
+            assert [r.completion_ids for r in ours] == [r.completion_ids for r in reference]
+            assert all(r.policy_version == step for r in ours)
+            for rollout in ours:
+                expected = sampled_logprobs(model, prompts[rollout.prompt_index], rollout.completion_ids)
+                assert rollout.logprobs is not None
+                assert max(abs(a - b) for a, b in zip(rollout.logprobs, expected, strict=True)) < 1e-4
+            if earlier:
+                assert [r.completion_ids for r in ours] != earlier
+            earlier = [r.completion_ids for r in ours]
+        assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if "lora_" not in n)
+        engine._request(url, "/update_weight_version", {"new_version": "someone-else"})
+        with pytest.raises(ServerError) as error:
+            engine.generate(prompts[:1], greedy)
+        assert one_line(error) == (
+            f"the vLLM server at {url} holds weights someone-else instead of {engine.policy} (restarted?): "
+            "rollouts refused"
+        )
+    finally:
+        engine.close()
+    with urllib.request.urlopen(url + "/weight_info", timeout=10) as answer:
+        assert json.load(answer)["weight_version"] == "base"
+    with model.disable_adapter():  # the server serves the base again
+        base = hf.generate(prompts[:1], greedy)
+    body = {"model": served_model_name(folder), "prompt": prompts[0], "max_tokens": 24, "temperature": 0.0,
+            "stop_token_ids": [0, 2], "return_token_ids": True}  # fmt: skip
+    request = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        ids = json.load(answer)["choices"][0]["token_ids"]
+    assert tuple(ids) == base[0].completion_ids
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_seeded_rollouts_follow_the_request_index_and_equal_the_colocated_engine(
     served: str, lora_student
 ) -> None:  # type: ignore[no-untyped-def]
@@ -643,6 +874,17 @@ def test_seeded_rollouts_follow_the_request_index_and_equal_the_colocated_engine
     finally:
         colocated.close()
     assert [r.completion_ids for r in first] == [r.completion_ids for r in reference]
+    for served_rollout, colocated_rollout in zip(
+        first, reference, strict=True
+    ):  # both report vLLM's log-probs
+        assert colocated_rollout.logprobs is not None
+        assert (
+            max(
+                abs(a - b)
+                for a, b in zip(served_rollout.logprobs or (), colocated_rollout.logprobs, strict=True)
+            )
+            < 1e-5
+        )
 
 
 @pytest.mark.vllm
@@ -680,3 +922,89 @@ def test_three_fit_steps_through_the_server(
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert served_adapters(served) == []  # the run unloaded its last adapter at teardown
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_one_step_ahead_through_a_real_server_resumes_exactly(served: str, tmp_path: Path) -> None:
+    """4 steps with --data.async_steps 1 through the real server equal 2 steps + --ckpt_path + 2 steps (LoRA within
+    1e-6); step 0 trains on its own policy's rollouts (the server's log-probs then equal the student's within
+    1e-5, float32 on both sides), every later step on rollouts one version old."""
+    fit_through(served, tmp_path / "straight", "--data.async_steps", "1", "--trainer.max_steps", "4")
+    assert logged(tmp_path / "straight", "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+    gaps = logged(tmp_path / "straight", "async/logprob_gap")
+    weights = logged(tmp_path / "straight", "async/is_weight_mean")
+    assert len(gaps) == 4 and gaps[0] < 1e-5 and all(0 < gap < 1 for gap in gaps)
+    assert len(weights) == 4 and weights[0] == pytest.approx(1.0, abs=1e-5)
+    fit_through(served, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "2")
+    fit_through(
+        served, tmp_path / "resumed", "--data.async_steps", "1", "--trainer.max_steps", "4",
+        "--ckpt_path", str(tmp_path / "resumed/ckpt/last.ckpt"),
+    )  # fmt: skip
+    straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+    resumed = lora_tensors(tmp_path / "resumed/ckpt/last.ckpt")
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+    assert served_adapters(served) == []
+
+
+class KillServerAfter(L.Callback):
+    """SIGKILLs the server after optimizer step ``step`` (before that step's checkpoint is written: Lightning
+    runs checkpoint callbacks last)."""
+
+    def __init__(self, server: ServedVLLM, step: int) -> None:
+        self.server, self.step = server, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            self.server.stop(signal.SIGKILL)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_server_killed_mid_run_stops_it_in_one_line_and_a_resume_after_a_restart_is_exact(
+    vllm_server: ServedVLLM, tmp_path: Path
+) -> None:
+    """A straight 4-step run; then a 4-step run whose server is killed after step 2: it stops with one line,
+    last.ckpt holds step 2; the server is started again, --ckpt_path last finishes the run, and its LoRA equals
+    the straight run's (the same seeded rollouts from the restarted server). Runs last: it restarts the server."""
+    from egrsd_pl.cli import build_cli
+
+    fit_through(vllm_server.url, tmp_path / "straight", "--trainer.max_steps", "4")
+    killed = tmp_path / "killed"
+    args = [
+        "--config", "configs/tiny.yaml", "--config", "configs/server.yaml",
+        "--data.engine.init_args.url", vllm_server.url, "--data.engine.init_args.retries", "1",
+        "--data.engine.init_args.retry_backoff_s", "0", "--data.batch_size", "2", "--trainer.max_steps", "4",
+        "--trainer.default_root_dir", str(killed), "--trainer.logger", "false",
+        "--checkpoint.dirpath", str(killed / "ckpt"), "--checkpoint.every_n_train_steps", "1",
+        "--evaluation.at_end", "false", "--evaluation.every_n_steps", "0", "--summary.enabled", "false",
+        "--torch_threads", "1",
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        cli = build_cli(args, run=False)
+        cli.trainer.callbacks.append(KillServerAfter(vllm_server, step=2))
+        with pytest.raises(ServerError) as error:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    finally:
+        os.chdir(cwd)
+    message = one_line(error)
+    assert message.startswith(
+        f"the vLLM server at {vllm_server.url} failed /v1/load_lora_adapter (2 tries): "
+    )
+    assert message.endswith(
+        "the run stops here and its last checkpoint is intact: restart the server (egrsd serve --config CONFIG) "
+        "and resume with --ckpt_path last"
+    )
+    checkpoint = torch.load(killed / "ckpt/last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    vllm_server.start()
+    fit_through(vllm_server.url, killed, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    straight = lora_tensors(tmp_path / "straight/ckpt/last.ckpt")
+    resumed = lora_tensors(killed / "ckpt/last.ckpt")
+    assert torch.load(killed / "ckpt/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= 1e-6
+    assert served_adapters(vllm_server.url) == []

@@ -5,6 +5,8 @@
 - :mod:`~egrsd_pl.losses.token_weights`: causal window minimum, entropy normalisation, confidence
   gate, likelihood-ratio magnitude, token advantages, masked reductions.
 - :mod:`~egrsd_pl.losses.gate`: :class:`GateConfig`, the gate's defaults and bounds, written once.
+- :mod:`~egrsd_pl.losses.off_policy`: the sampler-vs-trainer log-prob gap and the truncated importance
+  weight of one-step-asynchronous rollouts.
 - :mod:`~egrsd_pl.losses.objectives`: ``sft``, ``grpo``, ``opsd``, ``rlsd``, ``egrsd``, ``cl_egrsd``,
   ``crisp`` behind one signature (:data:`OBJECTIVES`, :func:`compute_objective`).
 """
@@ -31,6 +33,7 @@ from egrsd_pl.losses.objectives import (
     sft_objective,
     token_quantities,
 )
+from egrsd_pl.losses.off_policy import DEFAULT_IMPORTANCE_CAP, logprob_gap, truncated_importance_weights
 from egrsd_pl.losses.token_weights import (
     ENTROPY_MAX_FLOOR_NATS,
     causal_window_min,
@@ -48,6 +51,7 @@ from egrsd_pl.losses.vocabulary import KLDirection, student_token_logprobs, teac
 
 __all__ = [
     "DEFAULT_GATE",
+    "DEFAULT_IMPORTANCE_CAP",
     "ENTROPY_MAX_FLOOR_NATS",
     "GateConfig",
     "KLDirection",
@@ -71,6 +75,7 @@ __all__ = [
     "grpo_objective",
     "group_relative_advantages",
     "likelihood_ratio_magnitude",
+    "logprob_gap",
     "masked_max",
     "masked_mean",
     "masked_min",
@@ -84,4 +89,5 @@ __all__ = [
     "token_advantages",
     "token_kl",
     "token_quantities",
+    "truncated_importance_weights",
 ]

@@ -48,6 +48,10 @@ class ObjectiveInputs(NamedTuple):
     teacher_logp: Tensor | None = None  # [B, T] log p_T(y_t)
     teacher_entropy: Tensor | None = None  # [B, T] H_t in nats
     token_kl: Tensor | None = None  # [B, T] with grad: KL(p_T || p_θ) (opsd) or KL(p_θ || p_T) (crisp)
+    # [B, T] truncated importance weights ρ of off-policy rollouts (constant), or None: on-policy (ρ = 1).
+    # Read by the objectives whose loss is Σ Â·log p_θ(y_t) (grpo, rlsd, egrsd, cl_egrsd); sft, opsd and crisp
+    # have no sampled-token term to reweight (docs/algorithm.md#off-policy-rollouts-one-step-async).
+    importance_weights: Tensor | None = None
 
 
 class LossStats(NamedTuple):
@@ -133,11 +137,13 @@ def egrsd_loss(
     eps: float = 0.2,
     omega_floor: float = DEFAULT_GATE.omega_floor,
     entropy_max: EntropyMax = None,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """EGRSD (``window = 0``) and CL-EGRSD (``window > 0``) loss, Algorithm 1 steps 6-11.
 
     ``ω = confidence_gate(H)``, ``w = clip(exp(sign(A_i)·δ), 1 - ε, 1 + ε)``, ``Â = A_i·w·ω``
-    (constant) and ``L = -(1 / Σ m) Σ m·Â·log p_θ(y_t)``. ``gamma = 0`` is RLSD.
+    (constant) and ``L = -(1 / Σ m) Σ m·Â·log p_θ(y_t)``. ``gamma = 0`` is RLSD. Off-policy rollouts
+    multiply ``Â`` by their truncated importance weights ``ρ`` (``importance_weights``).
 
     Args:
         student_logp: ``[B, T]`` ``log p_θ(y_t)``, the only input that carries gradient.
@@ -151,6 +157,7 @@ def egrsd_loss(
         omega_floor: Lower clip of ``ω``.
         entropy_max: Already-reduced maximum of the raw masked entropies (e.g. across ranks), or
             ``None`` for this batch's; see :func:`~egrsd_pl.losses.confidence_gate`.
+        importance_weights: ``[B, T]`` ``ρ`` (constant) of off-policy rollouts, or ``None`` (``ρ = 1``).
 
     Returns:
         ``(loss, stats)``: a 0-dim loss (0 when ``Σ m = 0``) and detached :class:`LossStats`.
@@ -161,9 +168,13 @@ def egrsd_loss(
     check_shape(teacher_entropy, shape, "teacher_entropy")
     check_shape(advantages, shape[:1], "advantages")
     check_bool_mask(mask, shape=shape)
+    if importance_weights is not None:
+        check_shape(importance_weights, shape, "importance_weights")
     settings = ObjectiveSettings(gamma, window, eps, omega_floor, entropy_max)
     _check_settings(settings)
-    return _egrsd_loss(student_logp, teacher_logp, teacher_entropy, advantages, mask, settings)
+    return _egrsd_loss(
+        student_logp, teacher_logp, teacher_entropy, advantages, mask, settings, importance_weights
+    )
 
 
 def _egrsd_loss(
@@ -173,6 +184,7 @@ def _egrsd_loss(
     advantages: Tensor,
     mask: Tensor,
     settings: ObjectiveSettings,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     gamma, window, eps, omega_floor, entropy_max = settings
     teacher_logp, teacher_entropy, advantages = (
@@ -186,7 +198,9 @@ def _egrsd_loss(
     )
     direction = torch.sign(advantages)  # [B] D_i
     magnitude = _likelihood_ratio_magnitude(student_logp, teacher_logp, direction, eps)  # [B, T]
-    token_advantage = _token_advantages(advantages, magnitude, omega, mask)  # [B, T]
+    token_advantage = _off_policy_corrected(
+        _token_advantages(advantages, magnitude, omega, mask), importance_weights
+    )  # [B, T] A·w·ω (·ρ)
     loss = _policy_gradient_loss(token_advantage, student_logp, mask)
 
     with torch.no_grad():
@@ -201,6 +215,13 @@ def _egrsd_loss(
             entropy_max=_masked_max(teacher_entropy, mask),
         )
     return loss, stats
+
+
+def _off_policy_corrected(token_advantage: Tensor, importance_weights: Tensor | None) -> Tensor:
+    """``Â·ρ`` for off-policy rollouts (docs/algorithm.md#off-policy-rollouts-one-step-async), ``Â`` on-policy."""
+    if importance_weights is None:
+        return token_advantage
+    return token_advantage * importance_weights.detach()  # [B, T]
 
 
 def _require(inputs: ObjectiveInputs, field: str, objective: str) -> Tensor:
@@ -221,12 +242,15 @@ def grpo_objective(inputs: ObjectiveInputs, settings: ObjectiveSettings) -> tupl
 
     Decision (ours): one optimizer update per batch of fresh rollouts, so the PPO importance
     ratio is identically 1 and its clipping never acts; the loss is the plain policy gradient,
-    token-level normalised like the other objectives. No KL penalty to a reference model.
+    token-level normalised like the other objectives. No KL penalty to a reference model. One-step-async
+    rollouts multiply ``A_i`` by the truncated importance weight ``ρ`` (``inputs.importance_weights``).
     """
     advantages = _require(inputs, "advantages", "grpo").detach()  # [B]
     student_logp = _require(inputs, "student_logp", "grpo")  # [B, T]
     ones = torch.ones_like(student_logp.detach())  # [B, T] uniform magnitude, no gate
-    token_advantage = _token_advantages(advantages, ones, ones, inputs.mask)  # [B, T]
+    token_advantage = _off_policy_corrected(
+        _token_advantages(advantages, ones, ones, inputs.mask), inputs.importance_weights
+    )  # [B, T] A_i (·ρ)
     return _policy_gradient_loss(token_advantage, student_logp, inputs.mask), LossStats()
 
 
@@ -260,6 +284,7 @@ def _entropy_gated_objective(
         _require(inputs, "advantages", objective),
         inputs.mask,
         settings,
+        inputs.importance_weights,
     )
 
 
@@ -310,6 +335,12 @@ class ObjectiveSpec:
     kl_direction: KLDirection = "forward"
     teacher_prompt: Literal["reference", "concise"] = "reference"
     moving_teacher: bool = False
+
+    @property
+    def importance_weighted(self) -> bool:
+        """Whether the loss is ``Σ Â·log p_θ(y_t)`` over sampled tokens, so that off-policy rollouts get the
+        truncated importance weight ``ρ`` (docs/algorithm.md#off-policy-rollouts-one-step-async)."""
+        return self.uses_rollouts and self.token_inputs != "token_kl"
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
@@ -367,13 +398,15 @@ def compute_objective(
     _check_settings(settings)
     check_ndim(inputs.mask, 2, "inputs.mask")
     check_bool_mask(inputs.mask, shape=tuple(inputs.mask.shape), name="inputs.mask")
-    for field in ("student_logp", "teacher_logp", "teacher_entropy", "token_kl"):
+    for field in ("student_logp", "teacher_logp", "teacher_entropy", "token_kl", "importance_weights"):
         if (value := getattr(inputs, field)) is not None:
             check_shape(value, tuple(inputs.mask.shape), f"inputs.{field}")
     if inputs.advantages is not None:
         check_shape(inputs.advantages, tuple(inputs.mask.shape[:1]), "inputs.advantages")
     check_objective_window(name, window)
     spec = OBJECTIVES[name]
+    if inputs.importance_weights is not None and not spec.importance_weighted:
+        raise ValueError(f"the {name!r} objective has no sampled-token term for inputs.importance_weights")
     return spec.loss(inputs, settings)
 
 

@@ -64,12 +64,19 @@ class Rollout:
         completion_ids: The sampled token ids, including the stop token when one was produced.
         text: The completion decoded without special tokens (``<think>``/``</think>`` are kept).
         truncated: True when it reached ``max_new_tokens`` without producing a stop token.
+        logprobs: ``[length]`` log-probability of each sampled token under the policy that sampled it, as
+            the engine reports it (vLLM's default ``raw_logprobs``: the model's distribution before
+            temperature, top-p and top-k), or ``None`` where the engine reports none (HF ``generate``).
+        policy_version: The optimizer step whose policy sampled it, where the engine says so (servers),
+            else ``None``.
     """
 
     prompt_index: int
     completion_ids: tuple[int, ...]
     text: str
     truncated: bool
+    logprobs: tuple[float, ...] | None = None
+    policy_version: int | None = None
 
     @property
     def length(self) -> int:
@@ -82,7 +89,14 @@ class RolloutEngine(abc.ABC):
     Lifecycle: ``setup`` once per process (after the model exists), ``sync_policy`` once per
     optimizer step before the step's first ``generate`` (engines that read the live module, like
     HF ``generate``, need nothing), ``generate`` any number of times, ``close`` at teardown.
+
+    Attributes:
+        generates_apart: True for engines whose ``generate`` runs on a snapshot of the policy held
+            outside the training process (vLLM servers), so it may run in a background thread while the
+            trainer updates the student (``--data.async_steps 1``).
     """
+
+    generates_apart: bool = False
 
     @abc.abstractmethod
     def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:

@@ -30,11 +30,13 @@ from typing import Any
 from egrsd_pl.json_files import dumps
 from egrsd_pl.rollout.base import Rollout, RolloutEngine, SamplingConfig, check_sequence_fits
 from egrsd_pl.rollout.hf import stop_token_ids
-from egrsd_pl.rollout.merge import POLICY_ADAPTER
+from egrsd_pl.rollout.merge import POLICY_ADAPTER, merged_weights
 
 log = logging.getLogger(__name__)
 
 URL_FLAG = "--data.engine.init_args.url"
+SYNC_FLAG = "--data.engine.init_args.sync"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 API_KEY_FLAG = "--data.engine.init_args.api_key"
 SERVE_HINT = "egrsd serve --config CONFIG"
 POLICY_NAME = re.compile(r"^policy-v(\d+)-([0-9a-f]+)$")
@@ -49,17 +51,9 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServedRollout(Rollout):
-    """A :class:`Rollout` from a server, with what the server says about it.
-
-    Attributes:
-        logprobs: ``[length]`` log-probability of each sampled token under the serving policy, as vLLM
-            reports it (its default ``--logprobs-mode raw_logprobs``: the model's distribution before
-            temperature, top-p and top-k).
-        policy_version: The optimizer step whose policy produced it (parsed from the response's ``model``).
-    """
-
-    logprobs: tuple[float, ...] = ()
-    policy_version: int = -1
+    """A :class:`Rollout` from a server: ``logprobs`` (the sampled tokens' log-probs as vLLM reports them,
+    its default ``--logprobs-mode raw_logprobs``) and ``policy_version`` (the optimizer step whose policy
+    produced it, parsed from the response's ``model``) are always set."""
 
 
 def served_model_name(model_path: str) -> str:
@@ -118,11 +112,25 @@ class VLLMServerEngine(RolloutEngine):
     name, then unloads the previous one. A name is never reused: vLLM keys prefix-cache blocks by
     adapter name and path, and an in-place reload keeps blocks of the old weights.
 
+    Decision (``sync="merged"``): rank 0 writes the merged weights (``W + scaling·B·A`` out of place, the base
+    unchanged: :func:`~egrsd_pl.rollout.merge.merged_weights`) as a safetensors folder ``policy-v{step}-{run}``;
+    every server reloads them in place through vLLM's own ``reload_weights`` (the worker method the colocated
+    engine calls, here by ``POST /collective_rpc`` with ``weights_path``), drops its prefix cache
+    (``/reset_prefix_cache``) and records the name as its weight version (``/update_weight_version``). The
+    responses then name the base model, so a call's rollouts are refused unless every server still reports
+    that weight version after answering (``/weight_info``). Those endpoints exist only in vLLM's development
+    mode (``VLLM_SERVER_DEV_MODE=1``) and its ``--api-key`` does not guard them (it guards ``/v1`` paths):
+    merged sync is for servers on this machine (127.0.0.1) only.
+
+    The policy lives on the servers (a saved adapter), so :meth:`generate` may run in a background
+    thread while the trainer updates the student (:attr:`generates_apart`, ``--data.async_steps 1``).
+
     Args:
         url: Base URL of a server (``http://127.0.0.1:8000``) or a list of them (requests are split).
         api_key: Sent as ``Authorization: Bearer``; the key the servers were started with (``--api-key``).
             ``None``: ``$VLLM_API_KEY`` if set (keeps the key out of the saved run config), else no key.
-        sync: ``"adapter"`` (the only mode implemented for servers; ``"merged"`` is refused).
+        sync: ``"adapter"`` (the policy as a LoRA adapter, loaded at runtime) or ``"merged"`` (merged weights
+            reloaded in place; servers on 127.0.0.1 only, started with ``egrsd serve --sync merged``).
         adapter_dir: Parent folder of the adapter folders; the servers must read the same path
             (same machine or a shared file system). ``None``: the system temporary folder (servers on
             this machine only).
@@ -134,6 +142,8 @@ class VLLMServerEngine(RolloutEngine):
         retry_backoff_s: Wait before the first retry, doubled at each next one.
         concurrency: Requests in flight per server.
     """
+
+    generates_apart = True
 
     def __init__(
         self,
@@ -153,13 +163,16 @@ class VLLMServerEngine(RolloutEngine):
         for address in urls:
             if not re.match(r"^https?://[^/\s]+/?$", address):
                 raise ValueError(f"{URL_FLAG}: {address!r} is not a base URL like http://127.0.0.1:8000")
+        if sync not in ("adapter", "merged"):
+            raise ValueError(f"{SYNC_FLAG} must be 'adapter' or 'merged', got {sync!r}")
         if sync == "merged":
-            raise ValueError(
-                "--data.engine.init_args.sync merged is not implemented for VLLMServerEngine (pushing merged "
-                "weights into a running server is left to do); use sync: adapter"
-            )
-        if sync != "adapter":
-            raise ValueError(f"--data.engine.init_args.sync must be 'adapter', got {sync!r}")
+            for address in urls:
+                host = re.sub(r"^https?://", "", address).rstrip("/").rsplit(":", 1)[0]
+                if host not in LOOPBACK_HOSTS:
+                    raise ValueError(
+                        f"{SYNC_FLAG} merged drives vLLM's development endpoints (/collective_rpc), which its "
+                        f"--api-key does not guard: servers on 127.0.0.1 only, not {address}; use sync: adapter"
+                    )
         if timeout_s <= 0:
             raise ValueError(f"--data.engine.init_args.timeout_s must be > 0, got {timeout_s}")
         if retries < 0:
@@ -188,6 +201,8 @@ class VLLMServerEngine(RolloutEngine):
         self._run = ""
         self._rank = 0
         self._adapter_root: Path | None = None
+        self._served = ""
+        self._base_path = ""
 
     # ------------------------------------------------------------------ lengths
 
@@ -231,9 +246,16 @@ class VLLMServerEngine(RolloutEngine):
         self._run = run[0]
         expected = self.model_name or served_model_name(model_path)
         caps = [self._check_server(url, expected) for url in self.urls]
+        self._served, self._base_path = expected, model_path
         self._server_cap = min(caps)
         if self._reserved > self._server_cap:
             raise ValueError(self._cap_error(self._reserved))
+        if self.sync == "merged":
+            for url in self.urls:
+                self._check_development_mode(url)
+            if self._rank == 0:
+                self._adapter_root = Path(tempfile.mkdtemp(prefix="egrsd-server-", dir=self.adapter_dir))
+            return
         if self._rank == 0:
             self._adapter_root = Path(tempfile.mkdtemp(prefix="egrsd-server-", dir=self.adapter_dir))
             probe = f"probe-{self._run}"  # a name outside the policy-v* series, loaded once and unloaded
@@ -274,10 +296,25 @@ class VLLMServerEngine(RolloutEngine):
             raise ServerError(f"the vLLM server at {url} did not report max_model_len on /v1/models")
         return cap
 
+    def _check_development_mode(self, url: str) -> None:
+        try:
+            self._request(url, "/reset_prefix_cache", {}, tries=1)
+        except _HTTPFailure as failure:
+            raise ServerError(
+                f"the vLLM server at {url} has no development endpoints (/reset_prefix_cache: {failure.message}; "
+                f"{SYNC_FLAG} merged needs VLLM_SERVER_DEV_MODE=1); start it with {SERVE_HINT} --sync merged"
+            ) from None
+
     def close(self) -> None:
-        """Unloads this run's adapter from the servers (best effort) and deletes the adapter folders.
-        The servers keep running."""
-        if self._rank == 0 and self.policy is not None:
+        """Unloads this run's adapter (merged: reloads the base weights) on the servers, best effort, and
+        deletes the adapter folders. The servers keep running."""
+        if self._rank == 0 and self.policy is not None and self.sync == "merged":
+            for url in self.urls:
+                try:
+                    self._reload(url, self._base_path, "base", tries=1)
+                except (_HTTPFailure, ServerError) as failure:
+                    log.warning("could not reload the base weights on %s: %s", url, failure)
+        elif self._rank == 0 and self.policy is not None:
             for url in self.urls:
                 try:
                     self._request(url, "/v1/unload_lora_adapter", {"lora_name": self.policy}, tries=1)
@@ -303,7 +340,14 @@ class VLLMServerEngine(RolloutEngine):
         import torch
 
         name = f"policy-v{step}-{self._run}"
-        if self._rank == 0:
+        if self._rank == 0 and self.sync == "merged":
+            folder = self._save_merged(model, name)
+            for url in self.urls:
+                self._reload(url, str(folder), name)
+            if self.policy is not None:
+                assert self._adapter_root is not None
+                shutil.rmtree(self._adapter_root / self.policy, ignore_errors=True)
+        elif self._rank == 0:
             folder = self._save_adapter(model, name)
             for url in self.urls:
                 self._load_adapter(url, name, folder)
@@ -316,6 +360,46 @@ class VLLMServerEngine(RolloutEngine):
             torch.distributed.barrier()
         self.policy, self.synced_step = name, step
         self.sync_count += 1
+
+    def _save_merged(self, model: Any, name: str) -> Path:
+        """Writes the merged policy (plain HF names, one safetensors file) into ``adapter_dir/name``."""
+        from safetensors.torch import save_file
+
+        assert self._adapter_root is not None
+        folder = self._adapter_root / name
+        folder.mkdir()
+        tensors, seen = {}, set()
+        for weight_name, tensor in merged_weights(model, POLICY_ADAPTER):
+            if weight_name in seen:
+                continue
+            seen.add(weight_name)
+            tensors[weight_name] = tensor.detach().to("cpu").contiguous().clone()  # tied weights: own storage
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+    def _reload(self, url: str, weights_path: str, version: str, *, tries: int | None = None) -> None:
+        """vLLM's in-place ``reload_weights`` from ``weights_path``, then a fresh prefix cache and the version."""
+        try:
+            self._request(
+                url,
+                "/collective_rpc",
+                {"method": "reload_weights", "kwargs": {"weights_path": weights_path}},
+                tries=tries,
+            )
+        except _HTTPFailure as failure:
+            if failure.status is None:
+                raise self._lost(url, "/collective_rpc", failure) from None
+            raise ServerError(
+                f"the vLLM server at {url} did not reload the weights in {weights_path}: {failure.message}"
+            ) from None
+        for path, payload in (
+            ("/reset_prefix_cache", {}),
+            ("/update_weight_version", {"new_version": version}),
+        ):
+            try:
+                self._request(url, path, payload, tries=tries)
+            except _HTTPFailure as failure:
+                raise self._lost(url, path, failure) from None
 
     def _save_adapter(self, model: Any, name: str) -> Path:
         assert self._adapter_root is not None
@@ -346,6 +430,8 @@ class VLLMServerEngine(RolloutEngine):
                     f"the vLLM server at {url} cannot read the adapter folder {folder} ({failure.message}); "
                     "--data.engine.init_args.adapter_dir must be a folder the servers see at the same path"
                 ) from None
+            if failure.status is None or failure.status >= 500:
+                raise self._lost(url, "/v1/load_lora_adapter", failure) from None
             raise ServerError(
                 f"the vLLM server at {url} did not load adapter {name}: {failure.message}"
             ) from None
@@ -354,6 +440,8 @@ class VLLMServerEngine(RolloutEngine):
         try:
             self._request(url, "/v1/unload_lora_adapter", {"lora_name": name})
         except _HTTPFailure as failure:
+            if failure.status is None or failure.status >= 500:
+                raise self._lost(url, "/v1/unload_lora_adapter", failure) from None
             raise ServerError(
                 f"the vLLM server at {url} did not unload adapter {name}: {failure.message}"
             ) from None
@@ -383,7 +471,7 @@ class VLLMServerEngine(RolloutEngine):
                 request = index * sampling.num_rollouts + copy
                 payloads.append(
                     {
-                        "model": policy,
+                        "model": policy if self.sync == "adapter" else self._served,
                         "prompt": [int(token) for token in ids],
                         "max_tokens": sampling.max_new_tokens,
                         "temperature": sampling.temperature,
@@ -399,12 +487,28 @@ class VLLMServerEngine(RolloutEngine):
         workers = min(len(payloads), self.concurrency * len(self.urls))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-server") as pool:
             responses = list(pool.map(self._complete, urls, payloads))
+        if (
+            self.sync == "merged"
+        ):  # the responses name the base model: the servers' weight version must still be ours
+            for url in self.urls[: len(payloads)]:
+                self._check_weight_version(url)
         rollouts: list[Rollout] = [
             self._to_rollout(i // sampling.num_rollouts, response, url, sampling.max_new_tokens)
             for i, (response, url) in enumerate(zip(responses, urls, strict=True))
         ]
         log.info("%d rollouts of policy version %d (%s)", len(rollouts), self.synced_step, policy)
         return rollouts
+
+    def _check_weight_version(self, url: str) -> None:
+        try:
+            version = (self._request(url, "/weight_info", None) or {}).get("weight_version")
+        except _HTTPFailure as failure:
+            raise self._lost(url, "/weight_info", failure) from None
+        if version != self.policy:
+            raise ServerError(
+                f"the vLLM server at {url} holds weights {version} instead of {self.policy} (restarted?): "
+                "rollouts refused"
+            )
 
     def _complete(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -414,13 +518,16 @@ class VLLMServerEngine(RolloutEngine):
                 raise ServerError(
                     f"the vLLM server at {url} no longer serves {payload['model']} (restarted?): {failure.message}"
                 ) from None
-            tries = self.retries + 1 if failure.status is None or failure.status >= 500 else 1
-            raise ServerError(
-                f"the vLLM server at {url} failed /v1/completions ({tries} {'try' if tries == 1 else 'tries'}): "
-                f"{failure.message}; the run "
-                f"stops here and its last checkpoint is intact: restart the server ({SERVE_HINT}) and resume "
-                "with --ckpt_path last"
-            ) from None
+            raise self._lost(url, "/v1/completions", failure) from None
+
+    def _lost(self, url: str, path: str, failure: _HTTPFailure) -> ServerError:
+        """The one line that stops a run whose server stopped answering (no answer or 5xx, after the retries)."""
+        tries = self.retries + 1 if failure.status is None or failure.status >= 500 else 1
+        return ServerError(
+            f"the vLLM server at {url} failed {path} ({tries} {'try' if tries == 1 else 'tries'}): "
+            f"{failure.message}; the run stops here and its last checkpoint is intact: restart the server "
+            f"({SERVE_HINT}) and resume with --ckpt_path last"
+        )
 
     def _to_rollout(
         self, prompt_index: int, response: dict[str, Any], url: str, max_new_tokens: int
@@ -428,9 +535,10 @@ class VLLMServerEngine(RolloutEngine):
         """A completion in the HF engine's convention (stop token kept), refused unless it comes from the
         policy asked for, ends at a stop token, or has exactly ``max_new_tokens`` ids."""
         served = str(response.get("model"))
-        if served != self.policy:
+        expected = self.policy if self.sync == "adapter" else self._served
+        if served != expected:
             raise ServerError(
-                f"the vLLM server at {url} answered with {served} instead of {self.policy}: rollout refused"
+                f"the vLLM server at {url} answered with {served} instead of {expected}: rollout refused"
             )
         choice = response["choices"][0]
         ids = [int(token) for token in choice.get("token_ids") or []]
@@ -447,8 +555,8 @@ class VLLMServerEngine(RolloutEngine):
                 f"(finish_reason {finish!r}), before max_new_tokens {max_new_tokens}"
             )
         kept = ids[:cut] if cut is not None else ids
-        version = policy_version(served)
-        assert version is not None  # served == self.policy, a policy-v name
+        version = policy_version(str(self.policy))
+        assert version is not None  # a policy-v name
         return ServedRollout(
             prompt_index=prompt_index,
             completion_ids=tuple(kept),

@@ -391,6 +391,7 @@ class VLLMEngine(RolloutEngine):
                         seed=first_seed + request,
                         stop_token_ids=self._stop_ids,
                         detokenize=False,
+                        logprobs=0,  # the sampled token's own log-prob (raw: before temperature, top-p / top-k)
                     )
                 )
         with _global_rng_preserved():  # vLLM's CPU sampler draws from the global generator even when seeded
@@ -414,11 +415,14 @@ class VLLMEngine(RolloutEngine):
                 f"(finish_reason {completion.finish_reason!r}), before max_new_tokens {max_new_tokens}"
             )
         kept = ids[:cut] if cut is not None else ids
+        reported = list(completion.logprobs or [])[: len(kept)]  # one {token: Logprob} per position
+        logprobs = [position[token].logprob for position, token in zip(reported, kept, strict=False)]
         return Rollout(
             prompt_index=prompt_index,
             completion_ids=tuple(kept),
             text=self._tokenizer.decode(kept, skip_special_tokens=True),
             truncated=cut is None,
+            logprobs=tuple(logprobs) if len(logprobs) == len(kept) else None,
         )
 
     # ------------------------------------------------------------------ sleep mode
