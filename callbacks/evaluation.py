@@ -30,6 +30,7 @@ from egrsd_pl.evaluation import (
 )
 from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import RolloutEngine, SamplingConfig, check_sequence_fits, model_context_length
+from egrsd_pl.sharding import FSDP2Strategy
 
 
 class PeriodicEvaluation(pl.Callback):
@@ -133,6 +134,16 @@ class PeriodicEvaluation(pl.Callback):
         calls the batch hook several times with the same ``step``)."""
         periodic = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         return periodic and step != self.last_evaluated_step
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the model loads: refuses an evaluation that would run under ``--trainer.strategy fsdp2``."""
+        runs = stage == "validate" or (stage == "fit" and (self.every_n_steps > 0 or self.at_end))
+        if runs and isinstance(trainer.strategy, FSDP2Strategy):
+            raise ValueError(
+                "avg@K evaluation does not run under --trainer.strategy fsdp2 yet (ranks hold different numbers "
+                "of problems, and a sharded forward needs every rank): set --evaluation.every_n_steps 0 and "
+                "--evaluation.at_end false, and evaluate the checkpoint with --trainer.strategy ddp (docs/fsdp.md)"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps > 0 or self.at_end:

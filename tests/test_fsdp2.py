@@ -1,0 +1,218 @@
+"""FSDP2 on CPU (gloo) through the real CLI: ``python main.py fit --trainer.strategy fsdp2 --trainer.devices 2``.
+
+The reference is the same run under DDP: the same 2 processes, problems, seeds and HF ``generate`` rollouts
+(sampled, T 1.1), so every rank sees the same batches under both strategies. FSDP2 gathers the same weights
+layer by layer and reduce-scatters the same gradients DDP all-reduces: per-rank losses, the logged pre-clip
+gradient norm (clipped at 0.01, so clipping acts), the gradients and the final LoRA tensors must agree to
+float32 rounding. The FSDP2 checkpoint must hold the LoRA tensors and their optimizer state only (the values
+of the DDP checkpoint), and a run resumed from it must end where the straight run ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from test_ddp import REPO, max_abs_diff
+
+from egrsd_pl.sharding import full_tensor
+
+pytestmark = [pytest.mark.slow]
+
+STEPS = 4  # the step-2 checkpoint is resumed to step 4
+TOLERANCE = 1e-5  # FSDP2 vs DDP: float32 rounding of the gradient reduction
+RESUME_TOLERANCE = 1e-6  # resumed vs straight, both FSDP2
+CLIP = 0.01  # below every step's gradient norm here: clipping acts on every step
+
+
+class RecordSteps(L.Callback):
+    """Writes, per rank: each step's loss, logged ``grad/norm_preclip`` and full gradients, the final full
+    LoRA tensors (student and teacher) and one frozen base tensor.
+
+    Args:
+        out_dir: Folder of the ``rank{r}.pt`` files.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record: dict[str, Any] = {"loss": [], "grad_norm": [], "grads": [], "step": []}
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        grads = {  # full_tensor: an all-gather under FSDP2, on every rank in the same order
+            name: full_tensor(param.grad).detach().clone()
+            for name, param in pl_module.named_parameters()
+            if param.grad is not None
+        }
+        self.record["grads"].append(grads)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["loss"].append(float(outputs["loss"]))
+        self.record["grad_norm"].append(float(trainer.callback_metrics["grad/norm_preclip"]))
+        self.record["step"].append(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        module: Any = pl_module
+        base = module.policy.get_base_model().get_decoder().layers[0].self_attn.q_proj.base_layer.weight
+        self.record.update(
+            student={
+                k: full_tensor(v).detach().clone() for k, v in module.adapter_parameters("default").items()
+            },
+            teacher={
+                k: full_tensor(v).detach().clone() for k, v in module.adapter_parameters("teacher").items()
+            },
+            base_q_proj=full_tensor(base).detach().clone(),
+            strategy=type(trainer.strategy).__name__,
+            world_size=trainer.world_size,
+        )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def run(workdir: Path, model_dir: Path, *args: str) -> float:
+    """``python main.py fit`` on 2 CPU processes in ``workdir``; returns its wall time in seconds."""
+    record = {"class_path": "test_fsdp2.RecordSteps", "init_args": {"out_dir": str(workdir / "record")}}
+    command = [
+        sys.executable,
+        str(REPO / "main.py"),
+        "fit",
+        "--seed_everything=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--model.model_name_or_path={model_dir}",
+        "--model.lora_rank=8",
+        "--model.lora_alpha=16",
+        "--model.learning_rate=1e-3",
+        "--model.log_text_every_n_steps=0",
+        "--data.train_source=synthetic:8",
+        "--data.batch_size=2",
+        "--data.max_new_tokens=16",
+        "--data.max_length=1024",
+        "--teacher.schedule=ema",
+        "--teacher.ema_alpha=0.5",
+        "--reward_stats.warmup_steps=1",
+        "--checkpoint.every_n_train_steps=2",
+        f"--trainer.gradient_clip_val={CLIP}",
+        "--summary.enabled=false",
+        "--torch_threads=1",
+        f"--trainer.callbacks+={json.dumps(record)}",
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return time.perf_counter() - start
+
+
+def records(workdir: Path) -> list[dict[str, Any]]:
+    return [torch.load(workdir / "record" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def checkpoint(workdir: Path, step: int) -> dict[str, Any]:
+    (path,) = workdir.glob(f"runs/egrsd/version_0/checkpoints/epoch=*-step={step}.ckpt")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """DDP and FSDP2 for 4 steps (checkpoints at 2 and 4), and FSDP2 resumed from step 2 to step 4."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "fsdp2", "resumed")}
+    seconds = {
+        "ddp": run(folders["ddp"], tiny_model_dir, "--trainer.strategy=ddp", f"--trainer.max_steps={STEPS}"),
+        "fsdp2": run(
+            folders["fsdp2"], tiny_model_dir, "--trainer.strategy=fsdp2", f"--trainer.max_steps={STEPS}"
+        ),
+    }
+    (step2,) = folders["fsdp2"].glob("runs/egrsd/version_0/checkpoints/epoch=*-step=2.ckpt")
+    seconds["resumed"] = run(
+        folders["resumed"],
+        tiny_model_dir,
+        "--trainer.strategy=fsdp2",
+        f"--trainer.max_steps={STEPS}",
+        f"--ckpt_path={step2}",
+    )
+    print("\nwall time (s): " + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()))
+    return folders
+
+
+def test_fsdp2_fit_equals_ddp_fit(runs):
+    ddp, fsdp2 = records(runs["ddp"]), records(runs["fsdp2"])
+    assert [r["strategy"] for r in fsdp2] == ["FSDP2Strategy"] * 2 and ddp[0]["strategy"] == "DDPStrategy"
+    for rank in range(2):
+        reference, sharded = ddp[rank], fsdp2[rank]
+        assert sharded["step"] == reference["step"] == list(range(1, STEPS + 1))
+        losses = torch.tensor([reference["loss"], sharded["loss"]])
+        norms = torch.tensor([reference["grad_norm"], sharded["grad_norm"]])
+        print(
+            f"\nrank {rank}: losses {reference['loss']}, max |diff| {float((losses[0] - losses[1]).abs().max()):.3g}; "
+            f"grad norms {reference['grad_norm']}, max |diff| {float((norms[0] - norms[1]).abs().max()):.3g}"
+        )
+        assert torch.allclose(losses[0], losses[1], rtol=0, atol=TOLERANCE)
+        assert torch.allclose(norms[0], norms[1], rtol=TOLERANCE, atol=0)
+        assert min(reference["grad_norm"]) > CLIP  # clipping acted on every step
+        for step in range(STEPS):
+            assert max_abs_diff(sharded["grads"][step], reference["grads"][step]) <= TOLERANCE
+        assert max_abs_diff(sharded["student"], reference["student"]) <= TOLERANCE
+        assert max_abs_diff(sharded["teacher"], reference["teacher"]) <= TOLERANCE
+        assert torch.equal(sharded["base_q_proj"], reference["base_q_proj"])  # the frozen base did not move
+    assert any(v.abs().max() > 0 for k, v in fsdp2[0]["student"].items() if "lora_B" in k)  # it trained
+    assert max_abs_diff(fsdp2[0]["student"], fsdp2[1]["student"]) == 0  # one model, seen whole on both ranks
+
+
+def test_fsdp2_checkpoint_holds_the_adapters_and_their_optimizer_state_only(runs):
+    sharded, reference = checkpoint(runs["fsdp2"], 2), checkpoint(runs["ddp"], 2)
+    keys = set(sharded["state_dict"])
+    assert keys == set(reference["state_dict"]) and keys
+    assert all("lora_" in key for key in keys)  # no base weight
+    assert {key.split(".")[-2] for key in keys} == {"default", "teacher"}
+    assert max_abs_diff(sharded["state_dict"], reference["state_dict"]) <= TOLERANCE
+    # The optimizer state: one entry per trainable (student) LoRA tensor, as under DDP. Lightning keys the
+    # gathered FSDP2 state by position among all the module's parameters, DDP by position among the optimizer's
+    # (the trainable ones): both in parameter order, so the sorted keys pair up.
+    (optimizer,), (ddp_optimizer,) = sharded["optimizer_states"], reference["optimizer_states"]
+    assert len(optimizer["state"]) == len(ddp_optimizer["state"]) == sum(".default." in key for key in keys)
+    for index, ddp_index in zip(sorted(optimizer["state"]), sorted(ddp_optimizer["state"]), strict=True):
+        state, ddp_state = optimizer["state"][index], ddp_optimizer["state"][ddp_index]
+        assert float(state["step"]) == float(ddp_state["step"]) == 2
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].shape == ddp_state[name].shape
+            assert float((state[name] - ddp_state[name]).abs().max()) <= TOLERANCE
+    # The PEFT folder beside it holds the same full tensors.
+    from safetensors.torch import load_file
+
+    (path,) = runs["fsdp2"].glob("runs/egrsd/version_0/checkpoints/epoch=*-step=2.ckpt")
+    exported = load_file(path.with_name(path.stem + "_adapter") / "adapter_model.safetensors")
+    saved = {
+        key.removeprefix("policy.").replace(".default.weight", ".weight"): value
+        for key, value in sharded["state_dict"].items()
+        if ".default." in key
+    }
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[key], saved[key]) for key in saved)
+
+
+def test_fsdp2_resume_equals_the_straight_run(runs):
+    straight, resumed = records(runs["fsdp2"]), records(runs["resumed"])
+    for rank in range(2):
+        assert resumed[rank]["step"] == [3, 4]
+        assert resumed[rank]["loss"] == pytest.approx(straight[rank]["loss"][2:], abs=RESUME_TOLERANCE)
+        assert max_abs_diff(resumed[rank]["student"], straight[rank]["student"]) <= RESUME_TOLERANCE
+        assert max_abs_diff(resumed[rank]["teacher"], straight[rank]["teacher"]) <= RESUME_TOLERANCE
