@@ -5,7 +5,8 @@ The reference is the same run under DDP: the same 2 processes, problems, seeds a
 layer by layer and reduce-scatters the same gradients DDP all-reduces: per-rank losses, the logged pre-clip
 gradient norm (clipped at 0.01, so clipping acts), the gradients and the final LoRA tensors must agree to
 float32 rounding. The FSDP2 checkpoint must hold the LoRA tensors and their optimizer state only (the values
-of the DDP checkpoint), and a run resumed from it must end where the straight run ended.
+of the DDP checkpoint), and a run resumed from it, here as HSDP (``--fsdp2.replicate_size 2``: two replicas of
+one shard, gradients all-reduced across them), must end where the straight run ended.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class RecordSteps(L.Callback):
             },
             base_q_proj=full_tensor(base).detach().clone(),
             strategy=type(trainer.strategy).__name__,
+            mesh=tuple(getattr(trainer.strategy, "shard_mesh", torch.empty(0)).shape),
             world_size=trainer.world_size,
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,7 @@ def checkpoint(workdir: Path, step: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """DDP and FSDP2 for 4 steps (checkpoints at 2 and 4), and FSDP2 resumed from step 2 to step 4."""
+    """DDP and FSDP2 for 4 steps (checkpoints at 2 and 4), and HSDP resumed from FSDP2's step 2 to step 4."""
     folders = {name: tmp_path_factory.mktemp(name) for name in ("ddp", "fsdp2", "resumed")}
     seconds = {
         "ddp": run(folders["ddp"], tiny_model_dir, "--trainer.strategy=ddp", f"--trainer.max_steps={STEPS}"),
@@ -146,6 +148,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         folders["resumed"],
         tiny_model_dir,
         "--trainer.strategy=fsdp2",
+        "--fsdp2.replicate_size=2",  # HSDP: 2 replicas of 1 shard; the checkpoint does not depend on the layout
         f"--trainer.max_steps={STEPS}",
         f"--ckpt_path={step2}",
     )
@@ -209,8 +212,9 @@ def test_fsdp2_checkpoint_holds_the_adapters_and_their_optimizer_state_only(runs
     assert all(torch.equal(exported[key], saved[key]) for key in saved)
 
 
-def test_fsdp2_resume_equals_the_straight_run(runs):
+def test_fsdp2_checkpoint_resumed_as_hsdp_equals_the_straight_run(runs):
     straight, resumed = records(runs["fsdp2"]), records(runs["resumed"])
+    assert straight[0]["mesh"] == (2,) and resumed[0]["mesh"] == (2, 1)  # FSDP over 2; HSDP 2 x 1
     for rank in range(2):
         assert resumed[rank]["step"] == [3, 4]
         assert resumed[rank]["loss"] == pytest.approx(straight[rank]["loss"][2:], abs=RESUME_TOLERANCE)
