@@ -234,9 +234,9 @@ class RolloutDataModule(L.LightningDataModule):
         strategy = self.trainer.strategy if self.trainer is not None else None
         if isinstance(strategy, FSDP2Strategy) and not self.engine.supports_sharded_policy:
             raise ValueError(
-                f"--data.engine {type(self.engine).__name__} does not work under --trainer.strategy fsdp2 yet "
-                "(its weight sync needs the full weights); use egrsd_pl.rollout.hf.HFGenerateEngine or "
-                "--trainer.strategy ddp (docs/fsdp.md)"
+                f"--data.engine {type(self.engine).__name__} does not work under --trainer.strategy fsdp2 (its "
+                "weight sync reads the module's own tensors, which are shards); use egrsd_pl.rollout.vllm.VLLMEngine "
+                "with sync merged, egrsd_pl.rollout.hf.HFGenerateEngine, or --trainer.strategy ddp (docs/fsdp.md)"
             )
         if stage == "fit" and not self.problems:
             hp = self.hparams

@@ -10,8 +10,9 @@ wires them:
   ``(world, 1)``), an HSDP option (``replicate_size`` copies of the weights, each sharded over
   ``world / replicate_size`` ranks), the mixed-precision policy, and checkpoints that gather only what the
   module keeps (the LoRA adapters) into one file written by rank 0 through the run's ``CheckpointIO``.
-- :func:`shard_backbone`: ``fully_shard`` on each decoder layer, then on the decoder (the root: the vocabulary
-  math calls the decoder directly), leaving the output head out, replicated.
+- :func:`shard_backbone`: rank 0's LoRA initialisation on every rank (:func:`broadcast_adapters`), then
+  ``fully_shard`` on each decoder layer and on the decoder (the root: the vocabulary math calls the decoder
+  directly), leaving the output head out, replicated.
 - :func:`full_tensor`: a sharded tensor's full value (a collective: every rank calls it).
 
 Checked on torch 2.13 and Lightning 2.6.6 (CPU, gloo; ``tests/test_fsdp2.py``).
@@ -181,6 +182,7 @@ def shard_backbone(policy: Any, mesh: Any, *, mp_policy: Any, reshard_after_forw
     """
     from torch.distributed.fsdp import fully_shard
 
+    broadcast_adapters(policy, mesh.device_type)
     base = policy.get_base_model()
     decoder = base.get_decoder()
     head_weight = base.get_output_embeddings().weight
@@ -196,6 +198,22 @@ def shard_backbone(policy: Any, mesh: Any, *, mp_policy: Any, reshard_after_forw
             f"--trainer.strategy fsdp2 shards the decoder layers, but {outside[0]!r} is trained outside them; "
             "keep --model.lora_target_modules inside the layers (the default projections)"
         )
+
+
+def broadcast_adapters(policy: Any, device_type: str) -> None:
+    """Gives every rank global rank 0's LoRA tensors (student and teacher), before sharding.
+
+    DDP broadcasts rank 0's parameters when it wraps the model; ``fully_shard`` keeps each rank's own rows.
+    The base weights come from disk, but PEFT initialises ``A`` from each process's random generator, which
+    only a seed shared by every process (``seed_everything``) makes equal: without one, each rank's shard
+    would come from a different initialisation, and HSDP replicas would hold different models.
+    """
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else None
+    for name, param in policy.named_parameters():
+        if "lora_" in name:
+            data = param.data if device is None else param.data.to(device)
+            torch.distributed.broadcast(data, src=0)
+            param.data = data
 
 
 def is_sharded(module: nn.Module) -> bool:

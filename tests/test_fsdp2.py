@@ -220,3 +220,34 @@ def test_fsdp2_checkpoint_resumed_as_hsdp_equals_the_straight_run(runs):
         assert resumed[rank]["loss"] == pytest.approx(straight[rank]["loss"][2:], abs=RESUME_TOLERANCE)
         assert max_abs_diff(resumed[rank]["student"], straight[rank]["student"]) <= RESUME_TOLERANCE
         assert max_abs_diff(resumed[rank]["teacher"], straight[rank]["teacher"]) <= RESUME_TOLERANCE
+
+
+VLLM_ENGINE = {
+    "class_path": "egrsd_pl.rollout.vllm.VLLMEngine",
+    "init_args": {"dtype": "float32", "max_model_len": 1024, "max_lora_rank": 8, "enforce_eager": True},
+}
+
+
+@pytest.mark.vllm
+def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir: Path, tmp_path: Path):
+    """One vLLM engine per rank, synced once per step with the merged policy (``sync merged``): under FSDP2
+    every rank gathers the weights tensor by tensor while its engine loads them. Step 2 samples from the
+    weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact."""
+    engine = f"--data.engine={json.dumps(VLLM_ENGINE)}"
+    seconds = {
+        strategy: run(
+            tmp_path / strategy,
+            tiny_model_dir,
+            f"--trainer.strategy={strategy}",
+            "--trainer.max_steps=2",
+            engine,
+        )
+        for strategy in ("ddp", "fsdp2")
+    }
+    print("\nwall time (s): " + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()))
+    ddp, fsdp2 = records(tmp_path / "ddp"), records(tmp_path / "fsdp2")
+    for rank in range(2):
+        assert fsdp2[rank]["strategy"] == "FSDP2Strategy" and fsdp2[rank]["step"] == [1, 2]
+        assert fsdp2[rank]["loss"] == pytest.approx(ddp[rank]["loss"], abs=TOLERANCE)
+        assert fsdp2[rank]["grad_norm"] == pytest.approx(ddp[rank]["grad_norm"], rel=TOLERANCE)
+        assert max_abs_diff(fsdp2[rank]["student"], ddp[rank]["student"]) <= TOLERANCE

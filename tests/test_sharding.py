@@ -22,6 +22,7 @@ from egrsd_pl.rollout.base import RolloutEngine
 from egrsd_pl.rollout.hf import HFGenerateEngine
 from egrsd_pl.sharding import (
     FSDP2Strategy,
+    broadcast_adapters,
     full_tensor,
     is_sharded,
     register_fsdp2_strategy,
@@ -84,7 +85,7 @@ class _CopyingEngine(RolloutEngine):
 
 
 def test_an_engine_that_needs_full_weights_is_refused_under_fsdp2_before_loading():
-    assert HFGenerateEngine.supports_sharded_policy and not RolloutEngine.supports_sharded_policy
+    assert HFGenerateEngine().supports_sharded_policy and not _CopyingEngine().supports_sharded_policy
     datamodule = RolloutDataModule(train_source="synthetic:4", engine=_CopyingEngine())
     datamodule.trainer = SimpleNamespace(strategy=FSDP2Strategy())  # type: ignore[assignment]
     with pytest.raises(
@@ -157,3 +158,55 @@ def test_a_trained_tensor_outside_the_layers_is_refused(tiny_model_dir: Path, on
     policy = _policy(tiny_model_dir, ["q_proj", "lm_head"])
     with pytest.raises(ValueError, match=r"lm_head.*keep --model\.lora_target_modules inside the layers"):
         shard_backbone(policy, one_process_group, mp_policy=MixedPrecisionPolicy())
+
+
+def _merge_under_fsdp2(rank: int, model_dir: str, store: str) -> None:
+    """One of 2 gloo processes: merged weights of the sharded policy equal the unsharded ones bit for bit."""
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from egrsd_pl.rollout.merge import merged_weights
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # a different LoRA initialisation (A) on each rank: rank 0's must win
+        policy = _policy(Path(model_dir), ["q_proj", "v_proj", "down_proj"])
+        own_factor = policy.get_base_model().model.layers[1].self_attn.v_proj.lora_A["default"].weight.clone()
+        broadcast_adapters(policy, "cpu")
+        generator = torch.Generator().manual_seed(1)
+        for module in policy.modules():
+            if isinstance(module, LoraLayer):  # a trained-looking adapter (B starts at 0)
+                module.lora_B["default"].weight.data.normal_(generator=generator)
+        # Reference, unsharded: PEFT's own delta (get_delta_weight) on the base weight, other tensors as they are.
+        base = policy.get_base_model()
+        reference = {
+            name: tensor.clone() for name, tensor in base.state_dict().items() if "lora_" not in name
+        }
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                reference.pop(name + ".base_layer.weight")
+                reference[name + ".weight"] = module.base_layer.weight + module.get_delta_weight("default")
+        frozen = {n: p.detach().clone() for n, p in policy.named_parameters()}
+        shard_backbone(policy, init_device_mesh("cpu", (2,)), mp_policy=MixedPrecisionPolicy())
+        assert isinstance(base.model.layers[0].mlp.down_proj.base_layer.weight, DTensor)
+        merged = dict(merged_weights(policy))
+        assert merged.keys() == reference.keys()
+        different = [name for name in reference if not torch.equal(merged[name], reference[name])]
+        assert not different, different[:3]
+        # The module (base = the frozen teacher, and the adapters) is untouched by the sync.
+        after = {n: full_tensor(p.detach()) for n, p in policy.named_parameters()}
+        assert all(torch.equal(after[n], frozen[n]) for n in frozen)
+        # shard_backbone broadcast rank 0's adapters again: rank 1's own initialisation is gone.
+        kept = after["base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
+        assert torch.equal(kept, own_factor) == (rank == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_merged_weights_of_a_sharded_policy_equal_the_unsharded_ones(tiny_model_dir: Path, tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_merge_under_fsdp2, args=(str(tiny_model_dir), str(tmp_path / "store")), nprocs=2)

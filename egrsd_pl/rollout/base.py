@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,13 @@ class RolloutEngine(abc.ABC):
     Lifecycle: ``setup`` once per process (after the model exists), ``sync_policy`` once per
     optimizer step before the step's first ``generate`` (engines that read the live module, like
     HF ``generate``, need nothing), ``generate`` any number of times, ``close`` at teardown.
-
-    ``supports_sharded_policy``: whether the engine works on a policy sharded by
-    ``--trainer.strategy fsdp2`` (an engine that copies weights out of the module needs the full ones).
     """
 
-    supports_sharded_policy: ClassVar[bool] = False
+    @property
+    def supports_sharded_policy(self) -> bool:
+        """Whether the engine works on a policy sharded by ``--trainer.strategy fsdp2`` (an engine that copies
+        weights out of the module must gather them, on every rank at once)."""
+        return False
 
     @abc.abstractmethod
     def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -35,7 +35,9 @@ class HFGenerateEngine(RolloutEngine):
         batch_size: Prompts per ``generate`` call (each expands to ``num_rollouts`` sequences).
     """
 
-    supports_sharded_policy: ClassVar[bool] = True
+    @property
+    def supports_sharded_policy(self) -> bool:
+        return True
 
     def __init__(self, batch_size: int = 64) -> None:
         if batch_size < 1:
