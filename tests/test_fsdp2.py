@@ -232,7 +232,16 @@ VLLM_ENGINE = {
 def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir: Path, tmp_path: Path):
     """One vLLM engine per rank, synced once per step with the merged policy (``sync merged``): under FSDP2
     every rank gathers the weights tensor by tensor while its engine loads them. Step 2 samples from the
-    weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact."""
+    weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact; the avg@K
+    evaluation at the end (5 problems: rank 0 holds 3, rank 1 holds 2) samples the same completions."""
+    evaluation = [
+        "--evaluation.at_end=true",
+        '--evaluation.benchmarks=[{"name": "synthetic", "limit": 5}]',
+        "--evaluation.k=2",
+        "--evaluation.max_new_tokens=16",
+        "--evaluation.progress=false",
+        "--evaluation.verbose=false",
+    ]
     engine = f"--data.engine={json.dumps(VLLM_ENGINE)}"
     seconds = {
         strategy: run(
@@ -241,6 +250,7 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
             f"--trainer.strategy={strategy}",
             "--trainer.max_steps=2",
             engine,
+            *evaluation,
         )
         for strategy in ("ddp", "fsdp2")
     }
@@ -251,3 +261,14 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
         assert fsdp2[rank]["loss"] == pytest.approx(ddp[rank]["loss"], abs=TOLERANCE)
         assert fsdp2[rank]["grad_norm"] == pytest.approx(ddp[rank]["grad_norm"], rel=TOLERANCE)
         assert max_abs_diff(fsdp2[rank]["student"], ddp[rank]["student"]) <= TOLERANCE
+    reports = {
+        strategy: tmp_path / strategy / "runs/egrsd/version_0/eval/step_000002"
+        for strategy in ("ddp", "fsdp2")
+    }
+    for rank in range(2):
+        name = f"completions.rank{rank}.jsonl"
+        assert (reports["fsdp2"] / name).read_text() == (reports["ddp"] / name).read_text() != ""
+    scores = {
+        strategy: json.loads((folder / "results.json").read_text()) for strategy, folder in reports.items()
+    }
+    assert scores["fsdp2"]["benchmarks"] == scores["ddp"]["benchmarks"]

@@ -95,19 +95,36 @@ def test_an_engine_that_needs_full_weights_is_refused_under_fsdp2_before_loading
 
 
 @pytest.mark.parametrize(
-    ("every", "at_end", "stage", "refused"),
-    [(5, False, "fit", True), (0, True, "fit", True), (0, False, "fit", False), (0, False, "validate", True)],
+    ("every", "at_end", "stage", "engine", "refused"),
+    [
+        (
+            5,
+            False,
+            "fit",
+            HFGenerateEngine(),
+            "avg@K evaluation with --data.engine HFGenerateEngine does not run",
+        ),
+        (
+            0,
+            True,
+            "fit",
+            HFGenerateEngine(),
+            "avg@K evaluation with --data.engine HFGenerateEngine does not run",
+        ),
+        (0, False, "fit", HFGenerateEngine(), None),
+        (5, True, "fit", _CopyingEngine(), None),  # an engine with its own weights generates alone
+        (0, False, "validate", _CopyingEngine(), "validate does not run under --trainer.strategy fsdp2 yet"),
+    ],
 )
-def test_evaluation_is_refused_under_fsdp2_only_when_it_would_run(every, at_end, stage, refused):
+def test_evaluation_under_fsdp2_is_refused_where_it_would_hang(every, at_end, stage, engine, refused):
     callback = PeriodicEvaluation(every_n_steps=every, at_end=at_end)
-    trainer: Any = SimpleNamespace(strategy=FSDP2Strategy())
+    trainer: Any = SimpleNamespace(strategy=FSDP2Strategy(), datamodule=SimpleNamespace(engine=engine))
+    module: Any = SimpleNamespace()
     if refused:
-        with pytest.raises(
-            ValueError, match=r"^avg@K evaluation does not run under --trainer\.strategy fsdp2"
-        ):
-            callback.setup(trainer, None, stage)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="^" + refused):
+            callback.setup(trainer, module, stage)
     else:
-        callback.setup(trainer, None, stage)  # type: ignore[arg-type]
+        callback.setup(trainer, module, stage)
 
 
 @pytest.fixture

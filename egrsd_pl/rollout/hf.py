@@ -39,6 +39,10 @@ class HFGenerateEngine(RolloutEngine):
     def supports_sharded_policy(self) -> bool:
         return True
 
+    @property
+    def generates_with_the_module(self) -> bool:
+        return True
+
     def __init__(self, batch_size: int = 64) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
