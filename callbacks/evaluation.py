@@ -140,23 +140,18 @@ class PeriodicEvaluation(pl.Callback):
 
         Ranks evaluate different numbers of problems, so an engine that generates with the sharded module (HF
         ``generate``: every forward is a collective) would hang; an engine with its own weights (vLLM) syncs the
-        policy on every rank at once and then generates alone. ``validate`` under FSDP2 is not supported yet.
+        policy on every rank at once and then generates alone.
         """
         runs = stage == "validate" or (stage == "fit" and (self.every_n_steps > 0 or self.at_end))
         if not runs or not isinstance(trainer.strategy, FSDP2Strategy):
             return
         engine = getattr(pl_module, "engine", None) or getattr(trainer.datamodule, "engine", None)  # type: ignore[attr-defined]
-        if stage == "validate":
-            raise ValueError(
-                "validate does not run under --trainer.strategy fsdp2 yet: evaluate the checkpoint with "
-                "--trainer.strategy ddp (docs/fsdp.md)"
-            )
         if engine is not None and engine.generates_with_the_module:
             raise ValueError(
                 f"avg@K evaluation with --data.engine {type(engine).__name__} does not run under --trainer.strategy "
                 "fsdp2 (ranks hold different numbers of problems, and every sharded forward needs every rank): use "
-                "egrsd_pl.rollout.vllm.VLLMEngine, or set --evaluation.every_n_steps 0 and --evaluation.at_end false "
-                "and evaluate the checkpoint with --trainer.strategy ddp (docs/fsdp.md)"
+                "egrsd_pl.rollout.vllm.VLLMEngine, or turn the evaluation off (fit: --evaluation.every_n_steps 0 "
+                "--evaluation.at_end false) and evaluate the checkpoint with --trainer.strategy ddp (docs/fsdp.md)"
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -27,10 +27,15 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 STRATEGY_NAME = "fsdp2"
+OPTIMIZER_KEYS = (
+    "optimizer_state_keys"  # how the checkpoint's optimizer state is keyed (written by FSDP2Strategy)
+)
+MODULE_PARAMETER_KEYS = "module_parameter_position"
 ParamDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -139,14 +144,28 @@ class FSDP2Strategy(ModelParallelStrategy):
             if keep is None or keep(key)
         }
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        checkpoint[OPTIMIZER_KEYS] = MODULE_PARAMETER_KEYS
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's loading (adapters into the shards, optimizer state), with the checkpoint's ``state_dict``
         handed on to the hooks that read it (``TeacherUpdate`` checks the teacher adapter is there), as under
-        DDP; Lightning's loader pops it."""
+        DDP; Lightning's loader pops it. A checkpoint whose optimizer state another strategy keyed is refused
+        (:func:`check_optimizer_keys`)."""
         path = Path(self.broadcast(checkpoint_path))
+        saved = (
+            torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            if path.is_file()
+            else None
+        )
+        module = self.lightning_module
+        if saved is not None and module is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            check_optimizer_keys(saved, str(checkpoint_path))
         checkpoint = super().load_checkpoint(path, weights_only=weights_only)
-        if "state_dict" not in checkpoint and path.is_file():
-            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        if "state_dict" not in checkpoint and saved is not None:
             checkpoint["state_dict"] = saved["state_dict"]
         return checkpoint
 
@@ -156,6 +175,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             cls.strategy_name,
             cls,
             description="FSDP2 (fully_shard) over every process, HSDP across nodes; options under --fsdp2.*",
+        )
+
+
+def check_optimizer_keys(checkpoint: dict[str, Any], path: str) -> None:
+    """Refuses to resume, under FSDP2, optimizer state keyed by another strategy (one line naming the flag).
+
+    Lightning keys FSDP2's gathered optimizer state by position among all the module's parameters (the
+    checkpoint records it under ``optimizer_state_keys``); DDP's plain ``optimizer.state_dict()`` by position
+    among the optimizer's. Read the other way, the AdamW moments would land on other tensors.
+    """
+    if checkpoint.get("optimizer_states") and checkpoint.get(OPTIMIZER_KEYS) != MODULE_PARAMETER_KEYS:
+        raise ValueError(
+            f"--ckpt_path {path!r} was written under another strategy (ddp): its optimizer state is keyed for it; "
+            "resume it with --trainer.strategy ddp (docs/fsdp.md#checkpoints)"
         )
 
 

@@ -80,13 +80,13 @@ class RecordSteps(L.Callback):
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run(workdir: Path, model_dir: Path, *args: str) -> float:
-    """``python main.py fit`` on 2 CPU processes in ``workdir``; returns its wall time in seconds."""
+def run(workdir: Path, model_dir: Path, *args: str, command: str = "fit") -> float:
+    """``python main.py fit`` (or ``command``) on 2 CPU processes in ``workdir``; returns its wall time in seconds."""
     record = {"class_path": "test_fsdp2.RecordSteps", "init_args": {"out_dir": str(workdir / "record")}}
-    command = [
+    argv = [
         sys.executable,
         str(REPO / "main.py"),
-        "fit",
+        command,
         "--seed_everything=0",
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
@@ -119,7 +119,7 @@ def run(workdir: Path, model_dir: Path, *args: str) -> float:
     }
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return time.perf_counter() - start
 
@@ -185,6 +185,10 @@ def test_fsdp2_checkpoint_holds_the_adapters_and_their_optimizer_state_only(runs
     keys = set(sharded["state_dict"])
     assert keys == set(reference["state_dict"]) and keys
     assert all("lora_" in key for key in keys)  # no base weight
+    assert (
+        sharded["optimizer_state_keys"] == "module_parameter_position"
+        and "optimizer_state_keys" not in reference
+    )
     assert {key.split(".")[-2] for key in keys} == {"default", "teacher"}
     assert max_abs_diff(sharded["state_dict"], reference["state_dict"]) <= TOLERANCE
     # The optimizer state: one entry per trainable (student) LoRA tensor, as under DDP. Lightning keys the
@@ -233,7 +237,8 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
     """One vLLM engine per rank, synced once per step with the merged policy (``sync merged``): under FSDP2
     every rank gathers the weights tensor by tensor while its engine loads them. Step 2 samples from the
     weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact; the avg@K
-    evaluation at the end (5 problems: rank 0 holds 3, rank 1 holds 2) samples the same completions."""
+    evaluation at the end (5 problems: rank 0 holds 3, rank 1 holds 2) samples the same completions, and so
+    does ``validate`` under FSDP2 on the step-2 checkpoint."""
     evaluation = [
         "--evaluation.at_end=true",
         '--evaluation.benchmarks=[{"name": "synthetic", "limit": 5}]',
@@ -272,3 +277,54 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
         strategy: json.loads((folder / "results.json").read_text()) for strategy, folder in reports.items()
     }
     assert scores["fsdp2"]["benchmarks"] == scores["ddp"]["benchmarks"]
+    # `validate` under FSDP2 on the step-2 checkpoint: the same policy reaches the engines, the same evaluation.
+    (checkpoint,) = (tmp_path / "fsdp2").glob("runs/egrsd/version_0/checkpoints/epoch=*-step=2.ckpt")
+    validate_seconds = run(
+        tmp_path / "validate",
+        tiny_model_dir,
+        "--trainer.strategy=fsdp2",
+        engine,
+        *evaluation,
+        f"--ckpt_path={checkpoint}",
+        command="validate",
+    )
+    print(f"validate: {validate_seconds:.1f} s")
+    validated = (
+        tmp_path / "validate/runs/egrsd/version_0/eval" / checkpoint.stem
+    )  # labelled by the checkpoint
+    for rank in range(2):
+        name = f"completions.rank{rank}.jsonl"
+        assert (validated / name).read_text() == (reports["fsdp2"] / name).read_text()
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")  # pytest's own argv
+def test_fsdp2_checkpoint_validates_on_one_process(runs, tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    """``main.py validate`` without FSDP2 (one process) loads the FSDP2 checkpoint's adapters: the final LoRA."""
+    from egrsd_pl.cli import build_cli
+    from egrsd_pl.testbed.warmstart import fixed_threads
+
+    (path,) = runs["fsdp2"].glob(f"runs/egrsd/version_0/checkpoints/epoch=*-step={STEPS}.ckpt")
+    monkeypatch.chdir(tmp_path)
+    with fixed_threads(1):
+        cli = build_cli(
+            [
+                "validate",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.enable_progress_bar=false",
+                f"--model.model_name_or_path={tiny_model_dir}",
+                "--model.lora_rank=8",
+                "--model.lora_alpha=16",
+                "--teacher.schedule=ema",
+                f"--ckpt_path={path}",
+                '--evaluation.benchmarks=[{"name": "synthetic", "limit": 2}]',
+                "--evaluation.k=1",
+                "--evaluation.max_new_tokens=8",
+                "--evaluation.progress=false",
+                "--evaluation.verbose=false",
+                "--summary.enabled=false",
+            ]
+        )
+    final = records(runs["fsdp2"])[0]
+    assert max_abs_diff(cli.model.adapter_parameters("default"), final["student"]) == 0
+    assert max_abs_diff(cli.model.adapter_parameters("teacher"), final["teacher"]) == 0

@@ -113,7 +113,14 @@ def test_an_engine_that_needs_full_weights_is_refused_under_fsdp2_before_loading
         ),
         (0, False, "fit", HFGenerateEngine(), None),
         (5, True, "fit", _CopyingEngine(), None),  # an engine with its own weights generates alone
-        (0, False, "validate", _CopyingEngine(), "validate does not run under --trainer.strategy fsdp2 yet"),
+        (
+            0,
+            False,
+            "validate",
+            HFGenerateEngine(),
+            "avg@K evaluation with --data.engine HFGenerateEngine does",
+        ),
+        (0, False, "validate", _CopyingEngine(), None),
     ],
 )
 def test_evaluation_under_fsdp2_is_refused_where_it_would_hang(every, at_end, stage, engine, refused):
@@ -227,3 +234,17 @@ def test_merged_weights_of_a_sharded_policy_equal_the_unsharded_ones(tiny_model_
     import torch.multiprocessing as mp
 
     mp.spawn(_merge_under_fsdp2, args=(str(tiny_model_dir), str(tmp_path / "store")), nprocs=2)
+
+
+def test_resuming_optimizer_state_keyed_by_another_strategy_is_refused():
+    from egrsd_pl.sharding import MODULE_PARAMETER_KEYS, OPTIMIZER_KEYS, check_optimizer_keys
+
+    ddp = {"state_dict": {}, "optimizer_states": [{"state": {0: {}}, "param_groups": []}]}
+    with pytest.raises(
+        ValueError, match=r"^--ckpt_path 'last\.ckpt' was written under another strategy \(ddp\)"
+    ):
+        check_optimizer_keys(ddp, "last.ckpt")
+    check_optimizer_keys(
+        {**ddp, OPTIMIZER_KEYS: MODULE_PARAMETER_KEYS}, "last.ckpt"
+    )  # written by FSDP2Strategy
+    check_optimizer_keys({"state_dict": {}}, "weights.ckpt")  # no optimizer state: nothing to mis-key
