@@ -298,8 +298,9 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")  # pytest's own argv
-def test_fsdp2_checkpoint_validates_on_one_process(runs, tiny_model_dir: Path, tmp_path: Path, monkeypatch):
-    """``main.py validate`` without FSDP2 (one process) loads the FSDP2 checkpoint's adapters: the final LoRA."""
+def test_fsdp2_checkpoint_loads_on_one_process(runs, tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    """``main.py validate`` and ``egrsd diagnose``'s loader, without FSDP2 (one process), load the FSDP2
+    checkpoint's adapters: the final LoRA."""
     from egrsd_pl.cli import build_cli
     from egrsd_pl.testbed.warmstart import fixed_threads
 
@@ -328,3 +329,17 @@ def test_fsdp2_checkpoint_validates_on_one_process(runs, tiny_model_dir: Path, t
     final = records(runs["fsdp2"])[0]
     assert max_abs_diff(cli.model.adapter_parameters("default"), final["student"]) == 0
     assert max_abs_diff(cli.model.adapter_parameters("teacher"), final["teacher"]) == 0
+    # `egrsd diagnose` reads the run's module from the .ckpt and from the PEFT folder beside it alike.
+    from egrsd_pl.cli import parse_run
+    from egrsd_pl.diagnostics.command import load_module
+
+    base = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"--model.model_name_or_path={tiny_model_dir}",
+        "--model.lora_rank=8",
+        "--model.lora_alpha=16",
+    ]
+    for source in (path, path.with_name(path.stem + "_adapter")):
+        module = load_module([*base, "--ckpt_path", str(source)], parse_run)
+        assert max_abs_diff(module.adapter_parameters("default"), final["student"]) == 0, source
