@@ -2,7 +2,8 @@
 
     python bench/gpu_memory_budget.py                                   # every paper config, 80 GB GPUs
     python bench/gpu_memory_budget.py --config configs/qwen3_8b/egrsd.yaml --gpu-gib 139.8
-    python bench/gpu_memory_budget.py --write budget.md                   # the table, as markdown
+    python bench/gpu_memory_budget.py --write budget.md                 # the table, as markdown
+    python bench/gpu_memory_budget.py --scaling --shard-size 8          # DDP vs FSDP2, Qwen3-4B to 32B
 
 Everything is computed from the model's shape (``QWEN3_SHAPES`` of ``egrsd_pl/testbed/qwen3_shape.py``,
 the real models' ``config.json`` values) and the config's own numbers (LoRA rank, batch, lengths, vLLM
@@ -22,13 +23,21 @@ vLLM's KV cache is what is left of ``gpu_memory_utilization × GPU memory`` afte
 peak and graphs (vLLM 0.32 ``gpu_worker.determine_available_memory``), and vLLM refuses to start when
 less than that share is free: the trainer's resident memory plus the overhead must fit in the rest.
 Figures are GiB (2^30 bytes) per GPU; check them against ``bench/gpu_check.sh`` on a real GPU.
+
+``--scaling`` compares DDP with ``--trainer.strategy fsdp2`` (docs/fsdp.md) over ``--shard-size`` GPUs for
+Qwen3-4B, 8B, 14B and 32B, on the workload of one config (default: the 8B EGRSD config). Under FSDP2 the
+trainer keeps ``1/N`` of the weights but the output head whole (replicated), plus, during a step, what
+FSDP2 gathers: the running and the prefetched layer, and the root's input embedding (a separate tensor from
+the head on 8B and larger). LoRA weights, gradients and AdamW moments are sharded too. vLLM is still one
+engine per GPU with the whole model (tensor parallel 1); each row uses the largest
+``gpu_memory_utilization`` (in steps of 0.05) that leaves the trainer and the overhead room.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +91,13 @@ def parameters(model: str) -> dict[str, int]:
     )
     embedding = QWEN3_VOCAB_SIZE * hidden
     head = 0 if shape["tie_embeddings"] else embedding
-    return {"total": embedding + head + layers * per_layer + hidden, "q_dim": q_dim, "kv_dim": kv_dim}
+    return {
+        "total": embedding + head + layers * per_layer + hidden,
+        "q_dim": q_dim,
+        "kv_dim": kv_dim,
+        "per_layer": per_layer,
+        "embedding": embedding,
+    }
 
 
 def lora_parameters(model: str, rank: int, targets: tuple[str, ...]) -> int:
@@ -117,11 +132,19 @@ def layer_activation_bytes_per_token(model: str) -> int:
     return values * BF16
 
 
-def budget(work: Workload, gpu_gib: float) -> dict[str, float]:
-    """Every line of the budget, GiB per GPU."""
+def budget(work: Workload, gpu_gib: float, shard_size: int = 1) -> dict[str, float]:
+    """Every line of the budget, GiB per GPU; ``shard_size`` > 1: FSDP2 over that many GPUs (1: DDP)."""
     shape = QWEN3_SHAPES[work.model]
-    weights = parameters(work.model)["total"] * BF16 / GIB
-    lora = lora_parameters(work.model, work.lora_rank, work.lora_targets)
+    dims = parameters(work.model)
+    weights = dims["total"] * BF16 / GIB  # what vLLM holds (tensor parallel 1)
+    head = dims["embedding"] * BF16 / GIB  # replicated under FSDP2
+    trainer_weights = weights if shard_size == 1 else (weights - head) / shard_size + head
+    gathered = 0.0  # what FSDP2 all-gathers during a step: 2 layers, and the root's own embedding if untied
+    if shard_size > 1:
+        gathered = (
+            (2 * dims["per_layer"] + (0 if shape["tie_embeddings"] else dims["embedding"])) * BF16 / GIB
+        )
+    lora = lora_parameters(work.model, work.lora_rank, work.lora_targets) / shard_size
     student_adapter = lora * (FP32 + FP32 + 2 * FP32) / GIB  # weight, gradient, AdamW moments
     teacher_adapter = lora * FP32 / GIB if work.teacher_adapter else 0.0
     student_tokens = work.sequences * (work.prompt_tokens + work.completion_tokens)
@@ -143,15 +166,18 @@ def budget(work: Workload, gpu_gib: float) -> dict[str, float]:
     kv_token = kv_bytes_per_token(work.model)
     rollout_tokens = work.sequences * (work.prompt_tokens + work.completion_tokens)
     eval_sequence = work.prompt_tokens + work.eval_completion_tokens
-    trainer_resident = weights + student_adapter - lora * FP32 / GIB + teacher_adapter  # gradients freed
+    trainer_resident = trainer_weights + student_adapter - lora * FP32 / GIB + teacher_adapter  # no gradients
+    fsdp_lines = {"gathered by FSDP2 during a step": gathered} if shard_size > 1 else {}
     return {
-        "student weights (bf16)": weights,
+        "student weights (bf16)": trainer_weights,
+        **fsdp_lines,
         "LoRA weights + gradients + AdamW (fp32)": student_adapter,
         "teacher adapter (fp32)": teacher_adapter,
         "activations of a step (checkpointing)": activations,
         "overhead (context, NCCL, slack)": OVERHEAD_GIB,
         "vLLM asleep": ASLEEP_GIB,
-        "training step peak": weights
+        "training step peak": trainer_weights
+        + gathered
         + student_adapter
         + teacher_adapter
         + activations
@@ -219,6 +245,53 @@ def table(configs: list[str], gpu_gib: float, prompt_tokens: int, teacher_extra_
     return "\n".join(rows)
 
 
+SCALING_MODELS = ("qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b")
+SCALING_LINES = (
+    "student weights (bf16)",
+    "training step peak",
+    "trainer resident while vLLM runs",
+    "vLLM weights (bf16)",
+    "KV cache",
+    "generation peak",
+    "evaluation sequences the KV cache holds",
+)
+
+
+def largest_utilization(work: Workload, gpu_gib: float, shard_size: int) -> float:
+    """The largest ``gpu_memory_utilization`` (steps of 0.05, at most 0.95) whose generation peak fits."""
+    for hundredths in range(95, 0, -5):
+        utilization = hundredths / 100
+        lines = budget(replace(work, utilization=utilization), gpu_gib, shard_size)
+        if lines["generation peak"] <= gpu_gib:
+            return utilization
+    return 0.05
+
+
+def scaling_table(work: Workload, gpu_gib: float, shard_size: int) -> str:
+    """DDP vs FSDP2 over ``shard_size`` GPUs, per model, on ``work``'s lengths and LoRA (markdown)."""
+    columns: list[tuple[str, dict[str, float], float]] = []
+    for model in SCALING_MODELS:
+        sized = replace(work, model=model)
+        for name, shard in (("DDP", 1), (f"FSDP2 /{shard_size}", shard_size)):
+            utilization = largest_utilization(sized, gpu_gib, shard)
+            columns.append(
+                (
+                    f"{model} {name}",
+                    budget(replace(sized, utilization=utilization), gpu_gib, shard),
+                    utilization,
+                )
+            )
+    rows = [
+        f"| GiB per GPU | {' | '.join(name for name, _, _ in columns)} |",
+        f"| --- | {' | '.join('---:' for _ in columns)} |",
+        f"| gpu_memory_utilization | {' | '.join(f'{u:.2f}' for _, _, u in columns)} |",
+    ]
+    for line in SCALING_LINES:
+        rows.append(f"| {line} | {' | '.join(f'{lines[line]:.2f}' for _, lines, _ in columns)} |")
+    rows.append(f"| fits | {' | '.join('yes' if fits(lines) else '**no**' for _, lines, _ in columns)} |")
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,13 +301,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=512, help="assumed student prompt length")
     parser.add_argument("--teacher-extra-tokens", type=int, default=4096, help="assumed reference solution")
     parser.add_argument("--write", help="also write the table (markdown) to this file")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="DDP vs FSDP2 for Qwen3-4B/8B/14B/32B on the first config's workload",
+    )
+    parser.add_argument("--shard-size", type=int, default=8, help="GPUs FSDP2 shards over (--scaling)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    configs = args.config or ["configs/egrsd.yaml", "configs/qwen3_8b/egrsd.yaml"]
-    text = table(configs, args.gpu_gib, args.prompt_tokens, args.teacher_extra_tokens)
+    if args.scaling:
+        config = (args.config or ["configs/qwen3_8b/egrsd.yaml"])[0]
+        work = workload(
+            config, prompt_tokens=args.prompt_tokens, teacher_extra_tokens=args.teacher_extra_tokens
+        )
+        text = scaling_table(work, args.gpu_gib, args.shard_size)
+    else:
+        configs = args.config or ["configs/egrsd.yaml", "configs/qwen3_8b/egrsd.yaml"]
+        text = table(configs, args.gpu_gib, args.prompt_tokens, args.teacher_extra_tokens)
     print(text)
     if args.write:
         Path(args.write).write_text(text + "\n")

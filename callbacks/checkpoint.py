@@ -108,7 +108,11 @@ class AdapterCheckpoint(ModelCheckpoint):
         export = self.save_adapter and trainer.is_global_zero  # the plugin only writes on rank 0
         trainer.strategy.checkpoint_io = AtomicCheckpointIO(
             inner,
-            after_save=(lambda path: export_adapters(trainer.lightning_module, adapter_dir(path)))
+            after_save=(
+                lambda path, checkpoint: export_adapters(
+                    trainer.lightning_module, adapter_dir(path), checkpoint["state_dict"]
+                )
+            )
             if export
             else None,
             after_remove=lambda path: shutil.rmtree(adapter_dir(path), ignore_errors=True),
@@ -211,8 +215,17 @@ def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
-def export_adapters(pl_module: L.LightningModule, folder: Path) -> None:
+def export_adapters(
+    pl_module: L.LightningModule, folder: Path, state_dict: dict[str, Any] | None = None
+) -> None:
     """Writes the module's LoRA adapters as a PEFT folder: ``default`` at the root, others in subfolders.
+
+    Args:
+        pl_module: A module whose ``policy`` is a PEFT model.
+        folder: The folder to write.
+        state_dict: The tensors to write, keyed as in the module's state dict (``policy.``...), e.g. the
+            checkpoint's ``state_dict``: full tensors also under FSDP2, where the policy's own are shards.
+            ``None``: the policy's own tensors.
 
     The folder is written next to its final place and renamed into it, so a run killed mid-write never
     leaves a half-written adapter under the final name.
@@ -222,9 +235,15 @@ def export_adapters(pl_module: L.LightningModule, folder: Path) -> None:
         raise RuntimeError(
             "AdapterCheckpoint(save_adapter=True) needs a module whose `policy` is a PEFT model"
         )
+    prefix = "policy."
+    policy_state = (
+        None
+        if state_dict is None
+        else {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    )
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    policy.save_pretrained(str(staging), save_embedding_layers=False)
+    policy.save_pretrained(str(staging), save_embedding_layers=False, state_dict=policy_state)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
 

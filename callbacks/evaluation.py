@@ -30,6 +30,7 @@ from egrsd_pl.evaluation import (
 )
 from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import RolloutEngine, SamplingConfig, check_sequence_fits, model_context_length
+from egrsd_pl.sharding import FSDP2Strategy
 
 
 class PeriodicEvaluation(pl.Callback):
@@ -133,6 +134,25 @@ class PeriodicEvaluation(pl.Callback):
         calls the batch hook several times with the same ``step``)."""
         periodic = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
         return periodic and step != self.last_evaluated_step
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the model loads: refuses an evaluation that cannot run under ``--trainer.strategy fsdp2``.
+
+        Ranks evaluate different numbers of problems, so an engine that generates with the sharded module (HF
+        ``generate``: every forward is a collective) would hang; an engine with its own weights (vLLM) syncs the
+        policy on every rank at once and then generates alone.
+        """
+        runs = stage == "validate" or (stage == "fit" and (self.every_n_steps > 0 or self.at_end))
+        if not runs or not isinstance(trainer.strategy, FSDP2Strategy):
+            return
+        engine = getattr(pl_module, "engine", None) or getattr(trainer.datamodule, "engine", None)  # type: ignore[attr-defined]
+        if engine is not None and engine.generates_with_the_module:
+            raise ValueError(
+                f"avg@K evaluation with --data.engine {type(engine).__name__} does not run under --trainer.strategy "
+                "fsdp2 (ranks hold different numbers of problems, and every sharded forward needs every rank): use "
+                "egrsd_pl.rollout.vllm.VLLMEngine, or turn the evaluation off (fit: --evaluation.every_n_steps 0 "
+                "--evaluation.at_end false) and evaluate the checkpoint with --trainer.strategy ddp (docs/fsdp.md)"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps > 0 or self.at_end:

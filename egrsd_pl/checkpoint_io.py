@@ -79,7 +79,8 @@ class AtomicCheckpointIO(CheckpointIO):
 
     Args:
         inner: The plugin that serialises (default :class:`TorchCheckpointIO`).
-        after_save: Called with the final path once the file is in place (e.g. an adapter export).
+        after_save: Called with the final path and the checkpoint once the file is in place (e.g. an
+            adapter export).
         after_remove: Called with the path of a removed checkpoint (e.g. to remove that export).
     """
 
@@ -87,7 +88,7 @@ class AtomicCheckpointIO(CheckpointIO):
         self,
         inner: CheckpointIO | None = None,
         *,
-        after_save: Callable[[Path], None] | None = None,
+        after_save: Callable[[Path, dict[str, Any]], None] | None = None,
         after_remove: Callable[[Path], None] | None = None,
     ) -> None:
         self.inner = inner if inner is not None else TorchCheckpointIO()
@@ -106,7 +107,7 @@ class AtomicCheckpointIO(CheckpointIO):
         finally:
             staging.unlink(missing_ok=True)
         if self.after_save is not None:
-            self.after_save(target)
+            self.after_save(target, checkpoint)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None

@@ -9,7 +9,8 @@ options live under ``--reward_stats.*``, ``--teacher.*`` and ``--grad_norm.*``; 
 (``--checkpoint.*``), the graceful stop on SIGTERM / Ctrl-C and avg@K evaluation (``--evaluation.*``, what
 ``validate`` runs) are always there too, as are the live mechanism diagnostics (``--diagnostics.*``, off unless
 enabled) and :class:`~egrsd_pl.callbacks.run_summary.RunSummary` (``--summary.*``): a start line, a progress bar in steps
-out of ``max_steps`` and a closing summary.
+out of ``max_steps`` and a closing summary. ``--trainer.strategy fsdp2`` (:class:`~egrsd_pl.sharding.FSDP2Strategy`)
+is built from ``--fsdp2.*``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from egrsd_pl.checkpoint_io import refuse_damaged_checkpoint
 from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.rollout.server import ServerError
+from egrsd_pl.sharding import STRATEGY_NAME, FSDP2Strategy, register_fsdp2_strategy
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
@@ -76,6 +78,8 @@ class EGRSDCLI(LightningCLI):
         parser.add_lightning_class_args(MechanismDiagnostics, "diagnostics")
         # A run that explains itself: start line, step progress bar, closing summary (--summary.enabled false: off).
         parser.add_lightning_class_args(RunSummary, "summary")
+        # FSDP2's options, read when --trainer.strategy is fsdp2 (docs/fsdp.md).
+        parser.add_class_arguments(FSDP2Strategy, "fsdp2", instantiate=False, sub_configs=True)
         parser.add_argument(
             "--torch_threads",
             type=int | None,
@@ -108,6 +112,8 @@ class EGRSDCLI(LightningCLI):
         wanted = self._get(self.config_init, "summary").enabled and bar_on
         if wanted and not any(isinstance(c, ProgressBar) for c in given):
             kwargs["callbacks"] = [*given, StepProgressBar()]
+        if trainer_config.get("strategy") == STRATEGY_NAME:  # built from --fsdp2.*
+            kwargs["strategy"] = FSDP2Strategy(**self._get(self.config_init, "fsdp2").as_dict())
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -171,6 +177,7 @@ def build_cli(
     Python are meant, so LightningCLI's warning that ``sys.argv`` holds arguments too (the test runner's,
     ``egrsd compare``'s) is silenced; a command line (``main`` without ``args``) passes ``None``.
     """
+    register_fsdp2_strategy()  # --trainer.strategy fsdp2
     with warnings.catch_warnings():
         if args is not None:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -35,6 +35,7 @@ from egrsd_pl.rollout.base import (
 )
 from egrsd_pl.rollout.hf import HFGenerateEngine
 from egrsd_pl.rollout.prefetch import RolloutPrefetcher
+from egrsd_pl.sharding import FSDP2Strategy
 
 log = logging.getLogger(__name__)
 TeacherPrompt = Literal["reference", "concise"]
@@ -265,6 +266,13 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy) and not self.engine.supports_sharded_policy:
+            raise ValueError(
+                f"--data.engine {type(self.engine).__name__} does not work under --trainer.strategy fsdp2 (its "
+                "weight sync reads the module's own tensors, which are shards); use egrsd_pl.rollout.vllm.VLLMEngine "
+                "with sync merged, egrsd_pl.rollout.hf.HFGenerateEngine, or --trainer.strategy ddp (docs/fsdp.md)"
+            )
         if stage == "fit" and not self.problems:
             hp = self.hparams
             self.problems = load_problems(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 
 from egrsd_pl.backbone import ModelPathError, load_backbone, resolve_model_path
@@ -44,6 +45,7 @@ from egrsd_pl.losses import (
     truncated_importance_weights,
 )
 from egrsd_pl.prompts import PackedBatch, PromptBuilder
+from egrsd_pl.sharding import FSDP2Strategy, shard_backbone
 from egrsd_pl.stats import RunningRewardStats
 from egrsd_pl.teacher import Teacher, TeacherSchedule, lora_parameters
 
@@ -170,7 +172,8 @@ class EGRSDModule(L.LightningModule):
             )
 
     def configure_model(self) -> None:
-        """Loads tokenizer and base model, and wraps the base with the LoRA student adapter."""
+        """Loads tokenizer and base model, wraps the base with the LoRA student adapter and, under
+        ``--trainer.strategy fsdp2``, shards it (:func:`egrsd_pl.sharding.shard_backbone`)."""
         if self.policy is not None:
             return
         from peft import LoraConfig, get_peft_model
@@ -197,9 +200,25 @@ class EGRSDModule(L.LightningModule):
         self.policy = get_peft_model(base, lora)
         self.teacher.attach(self.policy, lora)
         self.policy.train()
+        self.shard_policy()
         self.prompt_builder = PromptBuilder(
             self.tokenizer, student_thinking=hp.student_thinking, teacher_thinking=hp.teacher_thinking
         )
+
+    def shard_policy(self) -> None:
+        """Applies FSDP2 under :class:`~egrsd_pl.sharding.FSDP2Strategy`; nothing under any other strategy."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            shard_backbone(
+                self.policy,
+                strategy.shard_mesh,
+                mp_policy=strategy.mixed_precision_policy(),
+                reshard_after_forward=strategy.reshard_after_forward,
+            )
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ValueError(
+                f"--trainer.strategy {type(strategy).__name__} is not supported: use --trainer.strategy fsdp2"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -212,9 +231,14 @@ class EGRSDModule(L.LightningModule):
         """The LoRA tensors of one adapter (``default``: the student; ``teacher``), without the adapter name."""
         return lora_parameters(self.policy, adapter)
 
+    @staticmethod
+    def saved_state(key: str) -> bool:
+        """Whether the state-dict entry ``key`` goes into checkpoints: the adapters (student and, if any,
+        teacher) change; the frozen base is reloaded from its path (and never gathered under FSDP2)."""
+        return "lora_" in key
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Only the adapters (student and, if any, teacher) change; the base is reloaded from its path.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.saved_state(k)}
         # The folder the base was read from (a hub id's snapshot folder names the exact revision).
         checkpoint["base_model_path"] = self.model_path
 
@@ -379,7 +403,11 @@ class EGRSDModule(L.LightningModule):
             return self.completion_hidden(batch.teacher)
 
     def head_weight(self) -> Tensor:
-        """``[V, D]`` output projection; :func:`egrsd_pl.backbone.check_plain_head` checked it is all the head does."""
+        """``[V, D]`` output projection; :func:`egrsd_pl.backbone.check_plain_head` checked it is all the head does.
+
+        Read outside ``forward``: under FSDP2 it is the full weight on every rank because
+        :func:`egrsd_pl.sharding.shard_backbone` leaves the head replicated.
+        """
         return self.policy.get_output_embeddings().weight
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

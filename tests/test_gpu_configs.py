@@ -92,3 +92,27 @@ def test_budget_arithmetic_by_hand():
     assert (
         budget.lora_parameters("qwen3-8b", 64, targets) == 64 * (8192 + 5120 + 5120 + 8192 + 3 * 16384) * 36
     )
+
+
+def test_budget_of_fsdp2_shards_all_but_the_head():
+    budget = load_budget_script()
+    # published parameter counts (model cards: 14.8B, 32.8B)
+    assert round(budget.parameters("qwen3-14b")["total"] / 1e8) == 148
+    assert round(budget.parameters("qwen3-32b")["total"] / 1e8) == 328
+    work = budget.workload("configs/qwen3_8b/egrsd.yaml", prompt_tokens=512, teacher_extra_tokens=4096)
+    ddp = budget.budget(work, budget.GPU_GIB_80GB)
+    fsdp2 = budget.budget(work, budget.GPU_GIB_80GB, shard_size=8)
+    head = 151_936 * 4096 * 2 / 2**30  # the replicated lm_head of Qwen3-8B, bf16: 1.16 GiB
+    weights = ddp["student weights (bf16)"]
+    assert fsdp2["student weights (bf16)"] == pytest.approx((weights - head) / 8 + head)
+    assert fsdp2["LoRA weights + gradients + AdamW (fp32)"] == pytest.approx(
+        ddp["LoRA weights + gradients + AdamW (fp32)"] / 8
+    )
+    # gathered during a step: 2 layers (each 4096 x (4096 + 2 x 1024 + 4096) + 3 x 4096 x 12288 + norms) and the
+    # untied input embedding (the same size as the head)
+    layer = 4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
+    assert fsdp2["gathered by FSDP2 during a step"] == pytest.approx((2 * layer * 2) / 2**30 + head)
+    assert fsdp2["vLLM weights (bf16)"] == weights  # vLLM is not sharded (tensor parallel 1)
+    # Qwen3-32B fits neither way at tensor parallel 1 (vLLM's whole copy leaves no KV cache); 14B fits both.
+    text = budget.scaling_table(work, budget.GPU_GIB_80GB, 8)
+    assert text.splitlines()[-1] == "| fits | yes | yes | yes | yes | yes | yes | **no** | **no** |"

@@ -165,7 +165,10 @@ def test_single_options_override_like_and_defaults_keep_their_cache_folder(tmp_p
     )
     assert cached_qwen3_shape_dir(tmp_path, **options).name == "qwen3-shape-v1-h4096-l2-a32-kv8-untied-seed3"
     assert cached_qwen3_shape_dir(tmp_path, **qwen3_shape_options("")).name == "qwen3-shape-v1-h128-l2-seed0"
-    with pytest.raises(ValueError, match="like='qwen3-14b'"):
-        qwen3_shape_options("like=qwen3-14b")
+    with pytest.raises(ValueError, match="like='qwen3-30b-a3b'"):  # a mixture of experts: not a dense shape
+        qwen3_shape_options("like=qwen3-30b-a3b")
+    # Qwen3-14B / 32B (config.json): 5120 wide, 40 / 64 layers, 40 / 64 query heads, 8 KV heads
+    assert qwen3_shape_options("like=qwen3-14b")["num_layers"] == 40
+    assert qwen3_shape_options("like=qwen3-32b")["intermediate_size"] == 25600
     with pytest.raises(ValueError, match="must divide"):
         cached_qwen3_shape_dir(tmp_path, **qwen3_shape_options("num_heads=4&num_kv_heads=3"))

@@ -44,6 +44,7 @@ from egrsd_pl.datamodule import RolloutDataModule
 from egrsd_pl.module import EGRSDModule
 from egrsd_pl.problem import Problem
 from egrsd_pl.rollout.base import Rollout
+from egrsd_pl.sharding import full_tensor
 from egrsd_pl.testbed.warmstart import fixed_threads  # one intra-op thread: far faster on 2 shared cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,10 +262,11 @@ def assert_adapter_moved_base_untouched(module: EGRSDModule) -> None:
     assert lora_b and max(float(p.detach().abs().max()) for p in lora_b) > 0
     # The base weights are bit-identical to the ones on disk (bfloat16 there and in memory).
     on_disk = load_file(str(Path(module.model_path) / "model.safetensors"))
-    base = module.policy.get_base_model().state_dict()
+    base = module.policy.get_base_model().state_dict()  # shards under --trainer.strategy fsdp2: gathered
     for name, tensor in on_disk.items():
         key = name if name in base else name.replace(".weight", ".base_layer.weight")
-        assert base[key].dtype == tensor.dtype and torch.equal(base[key].cpu(), tensor), name
+        weight = full_tensor(base[key])
+        assert weight.dtype == tensor.dtype and torch.equal(weight.cpu(), tensor), name
 
 
 def logged_scalars(log_dir: Path) -> dict[str, list[float]]:

@@ -98,6 +98,19 @@ class RolloutEngine(abc.ABC):
 
     generates_apart: bool = False
 
+    @property
+    def supports_sharded_policy(self) -> bool:
+        """Whether the engine works on a policy sharded by ``--trainer.strategy fsdp2`` (an engine that copies
+        weights out of the module must gather them, on every rank at once)."""
+        return False
+
+    @property
+    def generates_with_the_module(self) -> bool:
+        """Whether ``generate`` runs the training module's own forward (HF ``generate``). Under
+        ``--trainer.strategy fsdp2`` every such forward gathers layers with the other ranks, so every rank must
+        then make the same calls; an engine with its own copy of the weights (vLLM) generates alone."""
+        return False
+
     @abc.abstractmethod
     def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
         """Binds the engine to the policy.

@@ -15,6 +15,7 @@ from egrsd_pl.rollout.base import (
     check_sequence_fits,
     model_context_length,
 )
+from egrsd_pl.sharding import is_sharded
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -25,9 +26,22 @@ class HFGenerateEngine(RolloutEngine):
     Its only length bound is the model's context (``max_position_embeddings``): a request whose
     prompt plus ``max_new_tokens`` exceeds it fails before generating.
 
+    Under ``--trainer.strategy fsdp2`` every forward gathers the sharded layers with the other ranks, so
+    generation runs with ``synced_gpus``: a rank whose completions all stopped keeps stepping until every
+    rank's have. Every rank must then make the same number of ``generate`` calls (training steps do: each
+    rank samples ``batch_size`` prompts).
+
     Args:
         batch_size: Prompts per ``generate`` call (each expands to ``num_rollouts`` sequences).
     """
+
+    @property
+    def supports_sharded_policy(self) -> bool:
+        return True
+
+    @property
+    def generates_with_the_module(self) -> bool:
+        return True
 
     def __init__(self, batch_size: int = 64) -> None:
         if batch_size < 1:
@@ -79,6 +93,7 @@ class HFGenerateEngine(RolloutEngine):
             num_return_sequences=sampling.num_rollouts,
             pad_token_id=pad_id,
             eos_token_id=sorted(stop_ids),
+            synced_gpus=is_sharded(model) and torch.distributed.get_world_size() > 1,
         )
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

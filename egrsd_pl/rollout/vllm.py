@@ -442,6 +442,13 @@ class VLLMEngine(RolloutEngine):
         self._llm.reset_prefix_cache()
         self._asleep = False
 
+    @property
+    def supports_sharded_policy(self) -> bool:
+        """``merged`` gathers each weight in turn (:func:`~egrsd_pl.rollout.merge.merged_weights`, on every rank
+        at once: under FSDP2 every rank's engine gets the whole policy); ``adapter`` saves the module's own
+        tensors, which are shards."""
+        return self.sync == "merged"
+
     def _resolve_dtype(self, model: Any) -> str:
         if self.dtype != "auto":
             return self.dtype

@@ -14,7 +14,7 @@ ordinary text is trained on a little synthetic text (ids 0 to ~1,000; the ids up
 unreachable ``<|qwen3_shape_filler_N|>`` entries), and the backbone is tiny (``hidden_size`` 128,
 2 layers, 4 query / 2 KV heads by default) so a training step takes seconds on two cores.
 
-``testbed:qwen3-shape?like=qwen3-4b`` (or ``qwen3-8b``) builds the backbone at the real model's exact
+``testbed:qwen3-shape?like=qwen3-4b`` (or ``qwen3-8b``, ``qwen3-14b``, ``qwen3-32b``) builds the backbone at the real model's exact
 shape (:data:`QWEN3_SHAPES`: width, depth, heads, KV heads, MLP width, tied or separate head), still
 with random weights: what a GPU check needs to measure memory and speed without the hub. The single
 options (``hidden_size``, ``num_layers``, ``num_heads``, ``num_kv_heads``, ``intermediate_size``,
@@ -50,7 +50,7 @@ QWEN3_SHAPE_VERSION = 1  # bump when the tokenizer, the model or its shapes chan
 MAX_POSITION_EMBEDDINGS = 40_960  # Qwen3-4B / Qwen3-8B
 DEFAULT_HIDDEN_SIZE = 128
 DEFAULT_NUM_LAYERS = 2
-# The real models' backbones (config.json of Qwen/Qwen3-4B and Qwen/Qwen3-8B; head dim 128 in both).
+# The real models' backbones (config.json of Qwen/Qwen3-4B, -8B, -14B and -32B; head dim 128 in all).
 QWEN3_SHAPES: dict[str, dict[str, int]] = {
     "qwen3-4b": dict(
         hidden_size=2560,
@@ -66,6 +66,22 @@ QWEN3_SHAPES: dict[str, dict[str, int]] = {
         num_heads=32,
         num_kv_heads=8,
         intermediate_size=12288,
+        tie_embeddings=0,
+    ),
+    "qwen3-14b": dict(
+        hidden_size=5120,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=8,
+        intermediate_size=17408,
+        tie_embeddings=0,
+    ),
+    "qwen3-32b": dict(
+        hidden_size=5120,
+        num_layers=64,
+        num_heads=64,
+        num_kv_heads=8,
+        intermediate_size=25600,
         tie_embeddings=0,
     ),
 }
@@ -272,7 +288,7 @@ def ensure_qwen3_shape(
 
 
 def qwen3_shape_options(query: str) -> dict[str, Any]:
-    """The options of ``testbed:qwen3-shape?...``: ``like=qwen3-4b|qwen3-8b`` sets every size, the single
+    """The options of ``testbed:qwen3-shape?...``: ``like=qwen3-4b|qwen3-8b|qwen3-14b|qwen3-32b`` sets every size, the single
     options override it; returns ``seed`` and the keyword arguments of :func:`qwen3_shape_config`."""
     defaults: dict[str, Any] = {
         "like": "",
