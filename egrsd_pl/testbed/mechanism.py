@@ -18,8 +18,11 @@ solution has free choices that do not change the answer:
 A rendering draws its choices from its own ``random.Random``, independently of ``s*``: the reference shows
 one order and phrasing, the teacher-format warm-start examples continue with another drawn afresh, so the
 teacher learns a calibrated uncertainty at the choices (it cannot read them off ``s*``) while staying
-concise (no opener, re-check, false start or recap). Student-format examples are concise or verbose
-(:data:`~egrsd_pl.testbed.warmstart.VERBOSE_SHARE`), with the insertions of :mod:`.synthetic`.
+concise (no opener, re-check, false start or recap, but in the world's small ``teacher_verbose_share``,
+:mod:`.worlds`). Student-format examples are concise or verbose
+(:data:`~egrsd_pl.testbed.warmstart.VERBOSE_SHARE`), with the insertions of :mod:`.synthetic`; their choices
+follow :data:`STUDENT_HABIT`, and they are trained with the world's ``student_smoothing``, so the student is
+less sure than the teacher at choices and never quite sure at locks (docs/testbed.md, "The mechanism world").
 
 Problems come from seeded ``random.Random`` instances and the split is the hash of the text
 (:func:`~egrsd_pl.testbed.synthetic.split_of`), as in :mod:`.synthetic`.
