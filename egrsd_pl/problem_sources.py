@@ -117,7 +117,8 @@ def load_problems_with_report(
 
     Args:
         source: A ``.jsonl``/``.json``/``.parquet`` file, a directory of them (read in name order),
-            ``synthetic:<n>`` (``n`` problems of :func:`egrsd_pl.testbed.synthetic.synthetic_problems`, seed 0),
+            ``synthetic:<n>`` (``n`` problems of :func:`egrsd_pl.testbed.synthetic.synthetic_problems`, seed 0;
+            ``synthetic:mechanism:<n>``: of the mechanism world, :mod:`egrsd_pl.testbed.mechanism`),
             or a Hugging Face hub dataset name (``datasets.load_dataset(source, split=split)``;
             ``name@config`` picks a configuration, e.g. ``openai/gsm8k@main``).
         split: Hub split; for ``synthetic:`` the testbed split; for a JSON file holding
@@ -352,10 +353,13 @@ def _hub_rows(source: str, split: str) -> Iterator[tuple[_Where, Any]]:
 
 
 def _synthetic(source: str, split: str, limit: int | None) -> list[Problem]:
-    count = source[len(SYNTHETIC_PREFIX) :]
-    if not count.isdigit() or int(count) < 1:
-        raise DatasetError(f"{source}: expected synthetic:<number of problems>, e.g. synthetic:4000")
-    from egrsd_pl.testbed.synthetic import Split, synthetic_problems
+    world_name, _, count = source[len(SYNTHETIC_PREFIX) :].rpartition(":")
+    if not count.isdigit() or int(count) < 1 or world_name not in ("", "mechanism"):
+        raise DatasetError(
+            f"{source}: expected synthetic:<number of problems> or synthetic:mechanism:<number>, e.g. synthetic:4000"
+        )
+    from egrsd_pl.testbed.synthetic import Split
+    from egrsd_pl.testbed.worlds import world
 
     n = int(count) if limit is None else min(int(count), limit)
-    return list(synthetic_problems(n, seed=0, split=cast(Split, split)))
+    return world(world_name or "tiny").held_out(n, seed=0, split=cast(Split, split))

@@ -14,9 +14,11 @@ math500    HuggingFaceH4/MATH-500       test     problem          answer
 minerva    math-ai/minervamath          test     question         answer
 gsm8k      openai/gsm8k (config main)   test     question         answer (after ``####``)
 synthetic  ``synthetic:200``            test     (testbed)        (testbed)
+mechanism  ``synthetic:mechanism:200``  test     (testbed)        (testbed)
 =========  ===========================  =======  ===============  ==============
 
-``synthetic`` is the held-out split of the tiny testbed's arithmetic problems.
+``synthetic`` is the held-out split of the tiny testbed's arithmetic problems, ``mechanism`` that of
+``testbed:mechanism``'s world.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ PAPER_BENCHMARKS: dict[str, _Source] = {
 
 SYNTHETIC_SOURCE = "synthetic:200"
 """Source of the ``synthetic`` benchmark: 200 held-out testbed problems."""
+MECHANISM_SOURCE = "synthetic:mechanism:200"
+"""Source of the ``mechanism`` benchmark: 200 held-out problems of ``testbed:mechanism``'s world."""
 
 
 @dataclass
@@ -101,10 +105,11 @@ def resolve_benchmark(benchmark: Benchmark | str, bench_dir: str | Path | None =
         benchmark = Benchmark(name=benchmark)
     if benchmark.source is not None:
         return benchmark
-    if benchmark.name == "synthetic":
-        return dataclasses.replace(benchmark, source=SYNTHETIC_SOURCE)
+    if benchmark.name in ("synthetic", "mechanism"):
+        source = SYNTHETIC_SOURCE if benchmark.name == "synthetic" else MECHANISM_SOURCE
+        return dataclasses.replace(benchmark, source=source)
     if benchmark.name not in PAPER_BENCHMARKS:
-        known = ", ".join([*PAPER_BENCHMARKS, "synthetic"])
+        known = ", ".join([*PAPER_BENCHMARKS, "synthetic", "mechanism"])
         raise ValueError(f"benchmark {benchmark.name!r} has no source and is not one of: {known}")
     if bench_dir is not None:
         return dataclasses.replace(benchmark, source=str(Path(bench_dir) / f"{benchmark.name}.jsonl"))

@@ -7,6 +7,9 @@ privileged (reference-solution) chains of thought, and saves an ordinary Hugging
 ``from_pretrained`` and vLLM load. The build is deterministic, and the default one ships in the
 package (``egrsd_pl/testbed/tiny``): ``model_name_or_path: testbed:tiny`` in a config resolves to it;
 other budgets and seeds are built on first use and cached (``python -m egrsd_pl.testbed build``).
+``testbed:mechanism`` (:mod:`egrsd_pl.testbed.mechanism`, built on first use) is the same builder on a
+world whose privileged teacher is concise *and* uncertain where the reference does not decide (the order of
+independent sub-computations, interchangeable phrasings): the entropy gate's premise.
 ``testbed:qwen3-shape`` (:mod:`egrsd_pl.testbed.qwen3_shape`) is a random-weight model at Qwen3's
 vocabulary, special ids and chat template, for rehearsing the paper configs on CPU.
 """

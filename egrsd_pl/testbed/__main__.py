@@ -1,7 +1,7 @@
 """Command line: ``python -m egrsd_pl.testbed {build,path,verify}`` (also ``egrsd testbed ...``).
 
-``build`` fills the cache that ``testbed:tiny?budget_s=..&seed=..`` resolves to (or writes
-``--output-dir``) and prints the measured greedy accuracy and mean completion length; ``path`` prints
+``build [tiny|mechanism]`` fills the cache that ``testbed:tiny?budget_s=..&seed=..`` (or
+``testbed:mechanism?...``) resolves to (or writes ``--output-dir``) and prints the measured greedy accuracy and mean completion length; ``path`` prints
 the folder a testbed resolves to (the one shipped in the package for the defaults); ``verify``
 rebuilds the shipped testbed in a temporary folder and compares it with what is reproducible where
 (one full build: about 6 minutes on one idle core; ``--prefix-only``: the first 40 steps, seconds):
@@ -32,6 +32,7 @@ from egrsd_pl.testbed.build import (
     PREFIX_TOLERANCE,
     build_testbed,
     cached_testbed_dir,
+    default_budget_s,
     differing_files,
     ensure_testbed,
     exact_file_differences,
@@ -39,6 +40,7 @@ from egrsd_pl.testbed.build import (
     prefix_drift,
     report_differences,
 )
+from egrsd_pl.testbed.worlds import WORLD_NAMES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,10 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for command in (build, path):
         command.add_argument(
+            "world",
+            nargs="?",
+            default="tiny",
+            choices=WORLD_NAMES,
+            help="the testbed world: tiny (shipped) or mechanism (a concise teacher uncertain where the "
+            "reference does not decide; docs/testbed.md)",
+        )
+        command.add_argument(
             "--budget-s",
             type=float,
-            default=DEFAULT_BUDGET_S,
-            help="nominal seconds of warm start (fixes the steps)",
+            default=None,
+            help=f"nominal seconds of warm start (fixes the steps; default {DEFAULT_BUDGET_S:g})",
         )
         command.add_argument("--seed", type=int, default=0, help="seed of the model, corpus and order")
         command.add_argument(
@@ -83,12 +93,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "verify":
         return verify(prefix_only=args.prefix_only)
-    recipe = {"budget_s": args.budget_s, "seed": args.seed, "teacher_verbose_share": args.teacher_verbose}
+    if args.teacher_verbose and args.world != "tiny":
+        parser.error("--teacher-verbose is a variant of the tiny world only")
+    budget_s = default_budget_s(args.world) if args.budget_s is None else args.budget_s
+    recipe = {
+        "budget_s": budget_s,
+        "seed": args.seed,
+        "teacher_verbose_share": args.teacher_verbose,
+        "world_name": args.world,
+    }
     target = cached_testbed_dir(args.cache_dir, **recipe)
     if args.command == "path":
-        packaged = (
-            None if args.teacher_verbose else packaged_testbed_dir(budget_s=args.budget_s, seed=args.seed)
-        )
+        shipped = args.world == "tiny" and not args.teacher_verbose
+        packaged = packaged_testbed_dir(budget_s=budget_s, seed=args.seed) if shipped else None
         print(packaged or target)
         return 0
     if args.output_dir is not None:

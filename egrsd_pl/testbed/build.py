@@ -34,7 +34,6 @@ from egrsd_pl.prompts import (
     PromptBuilder,
 )
 from egrsd_pl.testbed.model import build_model, tiny_qwen3_config
-from egrsd_pl.testbed.synthetic import synthetic_problems, worked_problems
 from egrsd_pl.testbed.tokenizer import train_tokenizer
 from egrsd_pl.testbed.warmstart import (
     WARM_START_THREADS,
@@ -46,8 +45,9 @@ from egrsd_pl.testbed.warmstart import (
     train_sft,
     weight_fingerprint,
 )
+from egrsd_pl.testbed.worlds import WORLD_NAMES, World, world
 
-TESTBED_VERSION = 4  # bump when the corpus, tokenizer, model or recipe changes: it keys the cache
+TESTBED_VERSION = world("tiny").version  # testbed:tiny's (egrsd_pl/testbed/worlds.py): it keys the cache
 DEFAULT_BUDGET_S = 210.0
 # Seconds per warm-start step (batch 16, length-sorted batches) on a 2-core x86 CPU with little
 # else running: 1,500 steps took 138 s. It converts a nominal budget into a fixed number of steps,
@@ -71,6 +71,7 @@ ACCURACY_TOLERANCE = 0.10  # absolute, on greedy accuracies and the truncated sh
 LENGTH_TOLERANCE = 0.10  # relative, on mean completion lengths
 # testbed.json fields that any rebuild of the same recipe reproduces exactly (counts, not float results).
 EXACT_FIELDS = (
+    "world",
     "version",
     "seed",
     "budget_s",
@@ -98,30 +99,31 @@ _TOKENIZER_CORPUS_SEED = 12345  # the tokenizer does not depend on the build see
 _MARKER = "testbed.json"
 
 
-def tokenizer_corpus(num_problems: int = 3000) -> list[str]:
-    """Plain training text of the tokenizer: problems, solutions, verbose chains and prompt wording."""
+def tokenizer_corpus(num_problems: int = 3000, *, world_name: str = "tiny") -> list[str]:
+    """Plain training text of a world's tokenizer: problems, solutions, verbose chains and prompt wording."""
     rng = random.Random(_TOKENIZER_CORPUS_SEED)
     fixed = [DEFAULT_INSTRUCTION, DEFAULT_TRANSITION, REFERENCE_HEADER, REFERENCE_BEGIN, REFERENCE_END]
     texts = ["system\n", "user\n", "assistant\n"]
-    for worked in worked_problems(num_problems, seed=_TOKENIZER_CORPUS_SEED, split="train"):
-        texts += [worked.text, worked.solution, worked.verbose_chain(rng), *fixed]
+    for worked in world(world_name).problems(num_problems, seed=_TOKENIZER_CORPUS_SEED, split="train"):
+        texts += [*worked.tokenizer_texts(rng), *fixed]
     return texts
 
 
 def build_testbed(
     output_dir: str | os.PathLike[str],
     *,
-    budget_s: float = DEFAULT_BUDGET_S,
+    budget_s: float | None = None,
     seed: int = 0,
     progress: bool = True,
     eval_problems: int = 128,
     teacher_verbose_share: float = 0.0,
+    world_name: str = "tiny",
 ) -> Path:
     """Builds the tokenizer and the tiny Qwen3, warm-starts it (nominal ``budget_s`` seconds) and saves both.
 
     Args:
         output_dir: Folder to write (created; existing files are overwritten).
-        budget_s: Nominal seconds of warm start. The run makes ``round(budget_s / REFERENCE_STEP_S)``
+        budget_s: Nominal seconds of warm start (``None``: the world's default, 210). The run makes ``round(budget_s / REFERENCE_STEP_S)``
             optimizer steps (2,333 for the default 210 s) on one CPU thread, whatever the wall
             clock says, so the folder is the same, bit for bit, on every run with the same torch
             build and CPU type; a busy machine only takes longer. 0 saves the untrained random
@@ -131,23 +133,29 @@ def build_testbed(
         eval_problems: Held-out test-split problems for the greedy evaluation (0 skips it).
         teacher_verbose_share: Recipe variant: share of the teacher examples trained towards a verbose
             chain (:class:`~egrsd_pl.testbed.warmstart.SFTConfig`); 0 is the shipped testbed.
+        world_name: The world (:mod:`egrsd_pl.testbed.worlds`): ``tiny`` (shipped) or ``mechanism``.
 
     Returns:
         ``output_dir``: ``config.json``, ``model.safetensors``, ``generation_config.json`` (stop ids
         ``<|im_end|>``, ``<|endoftext|>``), the tokenizer files, and ``testbed.json`` with the
         measured greedy accuracy and mean completion length.
     """
+    spec = world(world_name)
+    budget_s = spec.default_budget_s if budget_s is None else budget_s
     if budget_s < 0:
         raise ValueError(f"budget_s must be >= 0, got {budget_s}")
     if not 0.0 <= teacher_verbose_share <= 1.0:
         raise ValueError(f"teacher_verbose_share must be in [0, 1], got {teacher_verbose_share}")
+    teacher_verbose_share = teacher_verbose_share or spec.teacher_verbose_share
     log = _printer(progress)
     started = time.monotonic()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer, model = _fresh_testbed(seed)
+    tokenizer, model = _fresh_testbed(seed, spec)
     parameters = sum(p.numel() for p in model.parameters())
-    log(f"testbed: vocabulary {len(tokenizer)}, tiny Qwen3 with {parameters / 1e6:.2f} M parameters")
+    log(
+        f"testbed:{spec.name}: vocabulary {len(tokenizer)}, tiny Qwen3 with {parameters / 1e6:.2f} M parameters"
+    )
     builder = PromptBuilder(tokenizer)
     steps = sft_steps(budget_s)
     log(f"testbed: warm start of {steps} steps on one CPU thread (about {budget_s:g} s on an idle core)")
@@ -157,12 +165,13 @@ def build_testbed(
         if done == PREFIX_STEPS:
             prefix["fingerprint"] = weight_fingerprint(model)
 
-    config = SFTConfig(teacher_verbose_share=teacher_verbose_share)
+    config = SFTConfig(teacher_verbose_share=teacher_verbose_share, world=spec.name)
     sft = train_sft(
         model, builder, steps=steps, seed=seed, config=config, on_step=record_prefix, progress=progress
     )
     report: dict[str, object] = {
-        "version": TESTBED_VERSION,
+        **({"world": spec.name} if spec.name != "tiny" else {}),
+        "version": spec.version,
         "seed": seed,
         "budget_s": budget_s,
         **({"teacher_verbose_share": teacher_verbose_share} if teacher_verbose_share else {}),
@@ -178,7 +187,7 @@ def build_testbed(
         log(
             f"testbed: greedy evaluation on {eval_problems} held-out problems (student, then teacher prompts)"
         )
-        held_out = synthetic_problems(eval_problems, seed=seed, split="test")
+        held_out = spec.held_out(eval_problems, seed=seed, split="test")
         with fixed_threads(WARM_START_THREADS):
             student = evaluate_greedy(model, builder, held_out)
             teacher = evaluate_greedy(model, builder, held_out, privileged=True)
@@ -216,10 +225,13 @@ def warm_start_prefix_fingerprint(
     budget_s: float = DEFAULT_BUDGET_S,
     steps: int = PREFIX_STEPS,
     teacher_verbose_share: float = 0.0,
+    world_name: str = "tiny",
 ) -> dict[str, dict[str, Any]]:
     """``weight_fingerprint`` of the model after the first ``steps`` warm-start steps of a build (its schedule)."""
-    tokenizer, model = _fresh_testbed(seed)
-    config = SFTConfig(teacher_verbose_share=teacher_verbose_share)
+    spec = world(world_name)
+    tokenizer, model = _fresh_testbed(seed, spec)
+    share = teacher_verbose_share or spec.teacher_verbose_share
+    config = SFTConfig(teacher_verbose_share=share, world=world_name)
     builder = PromptBuilder(tokenizer)
     train_sft(model, builder, steps=sft_steps(budget_s), seed=seed, config=config, stop_after=steps)
     return weight_fingerprint(model)
@@ -236,14 +248,22 @@ def prefix_drift(report: dict[str, Any]) -> float:
         budget_s=report["budget_s"],
         steps=report["prefix_steps"],
         teacher_verbose_share=report.get("teacher_verbose_share", 0.0),
+        world_name=report.get("world", "tiny"),
     )
     return fingerprint_drift(replayed, report["prefix_fingerprint"])
 
 
-def _fresh_testbed(seed: int) -> tuple[Any, Any]:
-    """The trained tokenizer and the randomly initialised tiny Qwen3 of a build."""
-    tokenizer = train_tokenizer(tokenizer_corpus())
-    return tokenizer, build_model(tiny_qwen3_config(tokenizer), seed=seed)
+def _fresh_testbed(seed: int, spec: World | None = None) -> tuple[Any, Any]:
+    """The trained tokenizer and the randomly initialised tiny Qwen3 of a build of world ``spec`` (tiny)."""
+    spec = spec or world("tiny")
+    tokenizer = train_tokenizer(tokenizer_corpus(world_name=spec.name))
+    config = tiny_qwen3_config(tokenizer, hidden_size=spec.hidden_size, num_layers=spec.num_layers)
+    return tokenizer, build_model(config, seed=seed)
+
+
+def default_budget_s(world_name: str) -> float:
+    """Nominal warm-start seconds of ``testbed:<world_name>`` without ``?budget_s=``."""
+    return world(world_name).default_budget_s
 
 
 def sft_steps(budget_s: float) -> int:
@@ -262,12 +282,15 @@ def cached_testbed_dir(
     budget_s: float = DEFAULT_BUDGET_S,
     seed: int = 0,
     teacher_verbose_share: float = 0.0,
+    world_name: str = "tiny",
 ) -> Path:
     """The cache folder of one testbed: ``{cache}/testbed-v{version}-budget{budget}-seed{seed}``, with
-    ``-teacherverbose{share}`` for the recipe variant."""
+    ``-teacherverbose{share}`` for the recipe variant; ``testbed-{world}-v{version}-...`` for another world."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    spec = world(world_name)
     variant = f"-teacherverbose{teacher_verbose_share:g}" if teacher_verbose_share else ""
-    return root / f"testbed-v{TESTBED_VERSION}-budget{budget_s:g}-seed{seed}{variant}"
+    prefix = "testbed" if spec.name == "tiny" else f"testbed-{spec.name}"
+    return root / f"{prefix}-v{spec.version}-budget{budget_s:g}-seed{seed}{variant}"
 
 
 def ensure_testbed(
@@ -277,6 +300,7 @@ def ensure_testbed(
     seed: int = 0,
     progress: bool = True,
     teacher_verbose_share: float = 0.0,
+    world_name: str = "tiny",
 ) -> Path:
     """The cached testbed folder, built on first use.
 
@@ -285,7 +309,11 @@ def ensure_testbed(
     callers (e.g. DDP ranks) build once.
     """
     target = cached_testbed_dir(
-        cache_dir, budget_s=budget_s, seed=seed, teacher_verbose_share=teacher_verbose_share
+        cache_dir,
+        budget_s=budget_s,
+        seed=seed,
+        teacher_verbose_share=teacher_verbose_share,
+        world_name=world_name,
     )
     if (target / _MARKER).is_file():
         return target
@@ -303,6 +331,7 @@ def ensure_testbed(
                 seed=seed,
                 progress=progress,
                 teacher_verbose_share=teacher_verbose_share,
+                world_name=world_name,
             )
             staging.rename(target)
         finally:
@@ -328,7 +357,7 @@ def packaged_testbed_dir(*, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0) -
 def exact_file_differences(reference: Path, *, seed: int = 0) -> list[str]:
     """Names of the ``EXACT_FILES`` (tokenizer and configs) that a fresh build would not write byte for byte
     as ``reference`` holds them; trains the tokenizer (about 1 s), no warm start."""
-    tokenizer, model = _fresh_testbed(seed)
+    tokenizer, model = _fresh_testbed(seed, world("tiny"))
     with tempfile.TemporaryDirectory(prefix="egrsd-testbed-files-") as scratch:
         tokenizer.save_pretrained(scratch)
         model.save_pretrained(scratch)  # config.json and generation_config.json as a build writes them
@@ -381,12 +410,13 @@ def differing_files(built: Path, reference: Path) -> list[str]:
 
 
 def resolve_model_path(name: str) -> str:
-    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1&teacher_verbose=0.75``) or
-    ``testbed:qwen3-shape`` -> a folder.
+    """``testbed:tiny`` (optionally ``testbed:tiny?budget_s=30&seed=1&teacher_verbose=0.75``),
+    ``testbed:mechanism`` (optionally ``?budget_s=..&seed=..``) or ``testbed:qwen3-shape`` -> a folder.
 
     The default (``testbed:tiny``) is the folder shipped in the package; other budgets, seeds and the
     uncertain-teacher recipe (``teacher_verbose``, :class:`~egrsd_pl.testbed.warmstart.SFTConfig`), and
-    ``qwen3-shape``, are built on first use and cached. Any other name (a hub id or a local folder) is
+    ``qwen3-shape`` and the mechanism world (:mod:`egrsd_pl.testbed.mechanism`), are built on first use and
+    cached. Any other name (a hub id or a local folder) is
     returned unchanged.
     """
     if not name.startswith(TESTBED_SCHEME):
@@ -396,8 +426,13 @@ def resolve_model_path(name: str) -> str:
         from egrsd_pl.testbed.qwen3_shape import resolve_qwen3_shape
 
         return str(resolve_qwen3_shape(query))
+    if model == "mechanism":
+        spec = world("mechanism")
+        options = testbed_options(model, query, {"budget_s": spec.default_budget_s, "seed": 0})
+        return str(ensure_testbed(budget_s=options["budget_s"], seed=options["seed"], world_name=model))
     if model != "tiny":
-        raise ValueError(f"unknown testbed model {name!r}; use 'testbed:tiny' or 'testbed:qwen3-shape'")
+        known = ", ".join(f"'testbed:{name}'" for name in (*WORLD_NAMES, "qwen3-shape"))
+        raise ValueError(f"unknown testbed model {name!r}; use {known}")
     options = testbed_options(
         "tiny", query, {"budget_s": DEFAULT_BUDGET_S, "seed": 0, "teacher_verbose": 0.0}
     )

@@ -118,6 +118,18 @@ class WorkedProblem:
         """The reasoning of the reference solution: one line per step."""
         return "\n".join(step.line() for step in self.steps)
 
+    def completion(self, rng: random.Random, *, verbose: bool, teacher: bool = False) -> str:
+        """A warm-start target: the reference solution, or (``verbose``) a verbose chain and the answer line.
+
+        The concise one draws nothing from ``rng``: the default warm-start stream is what it always was.
+        Student and teacher (``teacher``) targets are rendered alike.
+        """
+        return f"{self.verbose_chain(rng)}\n{self.final_line()}" if verbose else self.solution
+
+    def tokenizer_texts(self, rng: random.Random) -> list[str]:
+        """Text of this problem for the tokenizer's training corpus."""
+        return [self.text, self.solution, self.verbose_chain(rng)]
+
     def verbose_chain(self, rng: random.Random) -> str:
         """A correct but wasteful chain: opener, re-checks, corrected false starts, recap.
 

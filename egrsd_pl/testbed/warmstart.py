@@ -33,7 +33,7 @@ from egrsd_pl.problem import Problem
 from egrsd_pl.prompts import PromptBuilder, pack_completions
 from egrsd_pl.rollout.base import SamplingConfig
 from egrsd_pl.rollout.hf import HFGenerateEngine
-from egrsd_pl.testbed.synthetic import WorkedProblem, worked_problems
+from egrsd_pl.testbed.worlds import WorkedLike, world
 
 WARM_START_THREADS = 1  # fixed: results must not depend on the machine's load (see train_sft)
 TEACHER_SHARE = 0.25  # privileged teacher-format examples
@@ -56,6 +56,7 @@ class SFTConfig:
             is almost never uncertain. 0.75 (``testbed:tiny?teacher_verbose=0.75``): given the reference, it
             still hesitates where a chain may branch (an opener, a re-check, a recap), as a real teacher
             hesitates where the reference does not fix the wording -- the positions the entropy gate acts on.
+        world: The testbed world whose problems and chains are trained (:mod:`egrsd_pl.testbed.worlds`).
     """
 
     batch_size: int = 16
@@ -64,6 +65,7 @@ class SFTConfig:
     weight_decay: float = 0.01
     pool_size: int = 20_000
     teacher_verbose_share: float = 0.0
+    world: str = "tiny"
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,30 @@ class GreedyEval:
 
 def example_stream(
     builder: PromptBuilder,
-    problems: Sequence[WorkedProblem],
+    problems: Sequence[WorkedLike],
     *,
     seed: int,
     teacher_verbose_share: float = 0.0,
 ) -> Iterator[tuple[list[int], list[int]]]:
-    """Endless shuffled ``(prompt_ids, completion_ids)`` pairs of the warm-start mix over ``problems``.
+    """:func:`labelled_example_stream` without the labels."""
+    for prompt, completion, _ in labelled_example_stream(
+        builder, problems, seed=seed, teacher_verbose_share=teacher_verbose_share
+    ):
+        yield prompt, completion
+
+
+def labelled_example_stream(
+    builder: PromptBuilder,
+    problems: Sequence[WorkedLike],
+    *,
+    seed: int,
+    teacher_verbose_share: float = 0.0,
+) -> Iterator[tuple[list[int], list[int], bool]]:
+    """Endless shuffled ``(prompt_ids, completion_ids, is_teacher_example)`` of the warm-start mix over ``problems``.
+
+    A teacher example is the privileged prompt (with ``s*``) and ``completion(rng, verbose=False)``: for
+    ``testbed:tiny`` the reference itself, for the mechanism world a concise chain whose free choices are
+    drawn afresh, independently of ``s*``.
 
     ``teacher_verbose_share``: share of the teacher examples whose target is a verbose chain instead of the
     concise reference (see :class:`SFTConfig`).
@@ -119,29 +139,44 @@ def example_stream(
             worked = problems[index]
             if rng.random() < TEACHER_SHARE:
                 prompt = builder.teacher_prompt_ids(worked.text, worked.solution)
-                target = worked.solution
                 # Drawn only in the variant, so the default stream (and the shipped build) is unchanged.
-                if teacher_verbose_share > 0 and rng.random() < teacher_verbose_share:
-                    target = f"{worked.verbose_chain(rng)}\n{worked.final_line()}"
-                yield prompt, builder.sft_target_ids(target)
+                verbose = teacher_verbose_share > 0 and rng.random() < teacher_verbose_share
+                yield (
+                    prompt,
+                    builder.sft_target_ids(worked.completion(rng, verbose=verbose, teacher=True)),
+                    True,
+                )
                 continue
             if worked.id not in student_prompts:
                 student_prompts[worked.id] = builder.student_prompt_ids(worked.text)
-            chain = worked.verbose_chain(rng) if rng.random() < VERBOSE_SHARE else worked.concise_chain()
-            yield student_prompts[worked.id], builder.sft_target_ids(f"{chain}\n{worked.final_line()}")
+            target = worked.completion(rng, verbose=rng.random() < VERBOSE_SHARE)
+            yield student_prompts[worked.id], builder.sft_target_ids(target), False
 
 
 def supervised_loss(
-    model: Any, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    smoothing: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the completion tokens; only completion positions reach the LM head."""
+    """Mean cross-entropy of the completion tokens; only completion positions reach the LM head.
+
+    ``smoothing``: per example, the label smoothing ``ε`` of its tokens, ``(1 - ε) CE + ε mean_v(-log p_v)``
+    (``F.cross_entropy``'s ``label_smoothing``); ``None``: plain cross-entropy.
+    """
     device = model.lm_head.weight.device
     packed = [tensor.to(device) for tensor in pack_completions(prompt_ids, completion_ids, pad_id=pad_id)]
     input_ids, attention_mask, positions, targets, mask = packed
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
     index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # [B, T, D]
     logits = model.lm_head(hidden.gather(1, index))  # [B, T, V]
-    return F.cross_entropy(logits[mask], targets[mask])  # mask: [B, T]
+    if smoothing is None:
+        return F.cross_entropy(logits[mask], targets[mask])  # mask: [B, T]
+    epsilon = torch.tensor(smoothing, device=device).unsqueeze(1).expand_as(mask)[mask]  # [N]
+    log_probs = F.log_softmax(logits[mask], dim=-1)  # [N, V]
+    nll = -log_probs.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # [N]
+    return ((1 - epsilon) * nll - epsilon * log_probs.mean(-1)).mean()
 
 
 def train_sft(
@@ -179,12 +214,13 @@ def train_sft(
         return SFTResult(steps=0, examples=0, seconds=0.0, final_loss=float("nan"))
     last = steps if stop_after is None else min(steps, stop_after)
     torch.manual_seed(seed)
-    pool = worked_problems(config.pool_size, seed=seed, split="train")
+    pool = world(config.world).problems(config.pool_size, seed=seed, split="train")
     batches = _length_sorted_batches(
-        example_stream(builder, pool, seed=seed, teacher_verbose_share=config.teacher_verbose_share),
+        labelled_example_stream(builder, pool, seed=seed, teacher_verbose_share=config.teacher_verbose_share),
         config.batch_size,
         seed=seed,
     )
+    student_smoothing = world(config.world).student_smoothing
     pad_id = builder.tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
@@ -200,7 +236,14 @@ def train_sft(
                 batch = next(batches)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(done, done / steps, config.warmup_steps)
-                loss = supervised_loss(model, [p for p, _ in batch], [c for _, c in batch], pad_id)
+                smoothing = [0.0 if teacher else student_smoothing for _, _, teacher in batch]
+                loss = supervised_loss(
+                    model,
+                    [p for p, _, _ in batch],
+                    [c for _, c, _ in batch],
+                    pad_id,
+                    smoothing if student_smoothing else None,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -275,8 +318,8 @@ def _lr_factor(step: int, progress: float, warmup_steps: int) -> float:
 
 
 def _length_sorted_batches(
-    stream: Iterator[tuple[list[int], list[int]]], batch_size: int, *, seed: int
-) -> Iterator[list[tuple[list[int], list[int]]]]:
+    stream: Iterator[tuple[list[int], list[int], bool]], batch_size: int, *, seed: int
+) -> Iterator[list[tuple[list[int], list[int], bool]]]:
     """Batches cut from groups of 16 batches sorted by length (less padding), in shuffled order."""
     rng = random.Random(seed)
     while True:
