@@ -3,13 +3,15 @@
     python bench/gpu_check.py fit --out OUT [--devices 1] [--steps 3] [--model testbed:qwen3-shape?like=qwen3-4b]
     python bench/gpu_check.py startup --out OUT          # the engine at the evaluation's 32,768-token cap
     python bench/gpu_check.py table --out OUT [--write OUT/gpu_check.md]
+    python bench/gpu_check.py fit --out OUT --config configs/qwen3_14b/egrsd.yaml --tag fsdp2  # the FSDP2 path
     python bench/gpu_check.py fit --out OUT --config configs/tiny_vllm.yaml --model testbed:tiny --set=...  # CPU smoke
 
 ``fit`` runs ``configs/egrsd.yaml`` through the real CLI (bf16-mixed, gradient checkpointing, LoRA r 64,
-vLLM with merged sync and sleep mode, DDP when ``--devices`` > 1) on a random-weight model with a real
+vLLM with merged sync and sleep mode, DDP when ``--devices`` > 1; ``--config configs/qwen3_14b/egrsd.yaml``: FSDP2,
+the config's strategy) on a random-weight model with a real
 model's exact shape, for ``--steps`` optimizer steps on synthetic problems (the hub dataset is not
 needed). flash-attention 2 is used when ``flash_attn`` imports, else sdpa (the record says which).
-:class:`GpuRecorder` writes, per rank, ``fit_<devices>gpu_rank<r>.json``:
+:class:`GpuRecorder` writes, per rank, ``fit_[<tag>_]<devices>gpu_rank<r>.json``:
 
 - per step: ``time/step_s``, ``time/rollout_s``, the trainer's peak allocated memory during the training
   step (reset at each batch start, i.e. after the engine started and generated), and the device-wide
@@ -60,10 +62,14 @@ def fit_arguments(
     attention: str,
     config: str = "configs/egrsd.yaml",
     extra: tuple[str, ...] = (),
+    tag: str = "",
 ) -> list[str]:
     """The ``fit`` command line of the check: the paper config, shortened to ``steps`` and a synthetic source
     (``config`` and ``extra`` overrides: the CPU smoke test runs the same path on the tiny testbed)."""
-    recorder = {"class_path": "gpu_check.GpuRecorder", "init_args": {"out_dir": str(out), "devices": devices}}
+    recorder = {
+        "class_path": "gpu_check.GpuRecorder",
+        "init_args": {"out_dir": str(out), "devices": devices, "tag": tag},
+    }
     return [
         "fit",
         "--config",
@@ -112,17 +118,19 @@ class DevicePeak:
 
 
 class GpuRecorder(L.Callback):
-    """Records the per-step figures of the GPU check into ``out_dir/fit_<devices>gpu_rank<r>.json``.
+    """Records the per-step figures of the GPU check into ``out_dir/fit_[<tag>_]<devices>gpu_rank<r>.json``.
 
     Args:
         out_dir: Folder of the records.
         devices: Processes of the run (names the file).
         compare_after_step: Optimizer step after which vLLM's greedy tokens are compared with HF's.
+        tag: Names the run in the file and the table (e.g. ``fsdp2``); empty: none.
     """
 
-    def __init__(self, out_dir: str, devices: int = 1, compare_after_step: int = 2) -> None:
+    def __init__(self, out_dir: str, devices: int = 1, compare_after_step: int = 2, tag: str = "") -> None:
         self.out_dir = Path(out_dir)
         self.devices = devices
+        self.tag = tag
         self.compare_after_step = compare_after_step
         self.record: dict[str, Any] = {"steps": [], "devices_ok": True}
         self._device_peak = DevicePeak()
@@ -177,7 +185,8 @@ class GpuRecorder(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"fit_{self.devices}gpu_rank{trainer.global_rank}.json"
+        tag = f"{self.tag}_" if self.tag else ""
+        path = self.out_dir / f"fit_{tag}{self.devices}gpu_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.record, indent=2) + "\n")
 
 
@@ -312,6 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", default="configs/egrsd.yaml", help="fit: the config (relative to the repo)"
     )
     parser.add_argument(
+        "--tag", default="", help="fit: names the run in its record and the table, e.g. fsdp2"
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -341,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             attention=attention,
             config=args.config,
             extra=tuple(args.set),
+            tag=args.tag,
         )
         build_cli(arguments)
     elif args.command == "startup":

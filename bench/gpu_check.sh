@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The first-GPU acceptance check of the real training path (run from the repo root on a CUDA machine):
 #   bash bench/gpu_check.sh [OUT_DIR] [MODEL]
-# In about 8 minutes on one GPU, plus up to 10 for stage 7 (each stage has its own time limit and the script goes on when one fails):
+# In about 11 minutes on one GPU, plus up to 10 for stage 8 (each stage has its own time limit and the script goes on when one fails):
 #   1. the environment (GPU, versions; flash-attn or, if it is missing, sdpa);
 #   2. builds MODEL (default testbed:qwen3-shape?like=qwen3-4b: random weights at Qwen3-4B's exact shape);
 #   3. a 3-step `fit` of configs/egrsd.yaml on it: bf16-mixed, gradient checkpointing, LoRA r 64, vLLM with
 #      merged sync and sleep mode; per step time/step_s, time/rollout_s, peak allocated and device-wide memory,
 #      the current device of each rank, vLLM greedy vs the HF student after step 2 (bench/gpu_check.py);
 #   4. the same with 2 processes (DDP, one vLLM engine per GPU) when 2 GPUs are visible;
-#   5. the engine's start-up at the evaluation's 32,768-token cap (as `validate` starts it);
-#   6. the table of every figure: printed and written to OUT_DIR/gpu_check.md (copy it into docs/ when reviewed);
-#   7. bench/server.py: steps/s of the tiny testbed with colocated vLLM vs a vLLM server (adapter and merged sync,
+#   5. the FSDP2 path: the same 3-step fit under configs/qwen3_14b/egrsd.yaml's strategy (fsdp2, on every visible
+#      GPU up to 2) at MODEL's shape, recorded as fit_fsdp2_<n>gpu;
+#   6. the engine's start-up at the evaluation's 32,768-token cap (as `validate` starts it);
+#   7. the table of every figure: printed and written to OUT_DIR/gpu_check.md (copy it into docs/ when reviewed);
+#   8. bench/server.py: steps/s of the tiny testbed with colocated vLLM vs a vLLM server (adapter and merged sync,
 #      with and without --data.async_steps 1) on 127.0.0.1, vLLM on the GPU, the tiny trainer on the CPU.
 # Missing pure-Python dependencies can be carried as wheels in .whl/ (installed into /tmp/site first).
 set -uo pipefail
@@ -56,6 +58,9 @@ if [ "$gpus" -ge 2 ]; then
 else
   echo "== fit_2gpu: skipped ($gpus GPU visible)" | tee -a "$out/stages.txt"
 fi
+fsdp2_devices=$(( gpus >= 2 ? 2 : 1 ))
+stage fit_fsdp2 300 python3 bench/gpu_check.py fit --out "$out" --devices "$fsdp2_devices" --steps 3 --model "$model" \
+  --config configs/qwen3_14b/egrsd.yaml --tag fsdp2
 stage startup 150 python3 bench/gpu_check.py startup --out "$out" --model "$model"
 python3 bench/gpu_check.py table --out "$out" --write "$out/gpu_check.md"
 stage server_bench 600 python3 bench/server.py --steps 8

@@ -107,8 +107,9 @@ def test_table_of_records(gpu_check, tmp_path: Path) -> None:  # type: ignore[no
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_the_check_runs_on_cpu_with_the_tiny_testbed(tmp_path: Path) -> None:
-    """The same fit path and recorder on CPU (configs/tiny_vllm.yaml): steps recorded, greedy vLLM = HF
-    (float32 here, so all equal), no memory figures without CUDA."""
+    """The same fit path and recorder on CPU (configs/tiny_vllm.yaml), under FSDP2 as stage 5 runs it: steps
+    recorded under the tag, greedy vLLM = HF on the sharded policy (float32 here, so all equal), no memory
+    figures without CUDA."""
     command = [
         sys.executable,
         str(ROOT / "bench" / "gpu_check.py"),
@@ -117,18 +118,22 @@ def test_the_check_runs_on_cpu_with_the_tiny_testbed(tmp_path: Path) -> None:
         str(tmp_path),
         "--steps",
         "2",
+        "--tag",
+        "fsdp2",
     ]
     command += ["--config", "configs/tiny_vllm.yaml", "--model", "testbed:tiny"]
     for override in (
         "--data.batch_size=4",
         "--data.max_new_tokens=16",
         "--data.engine.init_args.enforce_eager=true",
+        "--trainer.strategy=fsdp2",
     ):
         command.append(f"--set={override}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    record = json.loads((tmp_path / "fit_1gpu_rank0.json").read_text())
+    assert (tmp_path / "runs/tiny_vllm/version_0/config.yaml").read_text().count("strategy: fsdp2") == 1
+    record = json.loads((tmp_path / "fit_fsdp2_1gpu_rank0.json").read_text())
     assert [s["step"] for s in record["steps"]] == [1, 2]
     assert all(s["peak_allocated_gib"] is None and s["time/rollout_s"] > 0 for s in record["steps"])
     assert record["greedy"] == {"prompts": 4, "tokens": 64, "equal": 4, "first_difference": [None] * 4}
@@ -147,6 +152,8 @@ def test_gpu_check_fit_records_every_step(tmp_path: Path) -> None:
         str(tmp_path),
         "--steps",
         "2",
+        "--tag",
+        "fsdp2",
     ]
     command += ["--model", "testbed:qwen3-shape"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
