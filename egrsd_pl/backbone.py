@@ -79,9 +79,19 @@ def hub_snapshot(name: str) -> str:
 
 
 def load_backbone(
-    name: str, path: str, *, dtype: Any, attn_implementation: str, trust_remote_code: bool
+    name: str,
+    path: str,
+    *,
+    dtype: Any,
+    attn_implementation: str,
+    trust_remote_code: bool,
+    empty: bool = False,
 ) -> tuple[Any, Any]:
     """``(tokenizer, model)`` from ``path`` (resolved from ``--model.model_name_or_path`` ``name``).
+
+    With ``empty`` the model is built from its config on the ``meta`` device (no weight is read; its
+    generation config is still read from ``path``): the ranks that receive the weights from rank 0 under
+    ``--fsdp2.load_from_rank0`` (:func:`egrsd_pl.sharding.load_from_rank0`).
 
     A hub or file error becomes one :class:`ModelPathError` line naming the flag; a head that is not a
     plain projection raises :class:`UnsupportedHeadError`.
@@ -90,15 +100,43 @@ def load_backbone(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
-        )
+        if empty:
+            model = _empty_model(
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
     except OSError as error:  # hub unreachable, unknown repo, missing files
         raise ModelPathError(model_load_error(name, path, error)) from error
     check_plain_head(model, name)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
+
+
+def _empty_model(path: str, *, dtype: Any, attn_implementation: str, trust_remote_code: bool) -> Any:
+    """The model of ``path``'s config on the ``meta`` device, as ``from_pretrained`` would build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if dtype == "auto":  # from_pretrained's "auto": the dtype the config records
+        dtype = getattr(config, "dtype", None) or torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    if Path(path, "generation_config.json").is_file():  # the stop ids come from it
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def model_load_error(name: str, path: str, error: OSError) -> str:

@@ -180,12 +180,14 @@ class EGRSDModule(L.LightningModule):
 
         hp = self.hparams
         self.model_path = resolve_model_path(hp.model_name_or_path)
+        strategy = self._trainer.strategy if self._trainer is not None else None
         self.tokenizer, base = load_backbone(
             hp.model_name_or_path,
             self.model_path,
             dtype=hp.dtype if hp.dtype == "auto" else getattr(torch, hp.dtype),
             attn_implementation=hp.attn_implementation,
             trust_remote_code=hp.trust_remote_code,
+            empty=isinstance(strategy, FSDP2Strategy) and strategy.receives_the_base,
         )
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -214,6 +216,7 @@ class EGRSDModule(L.LightningModule):
                 strategy.shard_mesh,
                 mp_policy=strategy.mixed_precision_policy(),
                 reshard_after_forward=strategy.reshard_after_forward,
+                from_rank0=strategy.load_from_rank0 and strategy.world_size > 1,
             )
         elif isinstance(strategy, ModelParallelStrategy):
             raise ValueError(

@@ -61,6 +61,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             backward): less memory, one more all-gather per layer.
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU by default.
         timeout: Limit on one collective.
+        load_from_rank0: Only global rank 0 reads the base from disk; the other ranks build it on the ``meta``
+            device, shard it and receive their shards (and the LoRA initialisation) from rank 0 (torch's
+            ``set_model_state_dict(broadcast_from_rank0=True)``): one copy of the base in host memory instead of
+            one per rank. ``false``: every rank reads the whole base, then shards it.
     """
 
     strategy_name = STRATEGY_NAME
@@ -73,6 +77,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        load_from_rank0: bool = True,
     ) -> None:
         if replicate_size != "auto" and (not isinstance(replicate_size, int) or replicate_size < 1):
             raise ValueError(
@@ -87,7 +92,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
+        self.load_from_rank0 = load_from_rank0
         self._shard_mesh: Any = None
+
+    @property
+    def receives_the_base(self) -> bool:
+        """Whether this rank builds the base empty and receives it from rank 0 (``load_from_rank0``)."""
+        return self.load_from_rank0 and self.world_size > 1 and self.global_rank != 0
 
     def setup_environment(self) -> None:
         # Lightning's mesh is (data_parallel, tensor_parallel): every rank is a data-parallel replica.
@@ -198,8 +209,20 @@ def register_fsdp2_strategy() -> None:
         FSDP2Strategy.register_strategies(StrategyRegistry)
 
 
-def shard_backbone(policy: Any, mesh: Any, *, mp_policy: Any, reshard_after_forward: bool = True) -> None:
+def shard_backbone(
+    policy: Any,
+    mesh: Any,
+    *,
+    mp_policy: Any,
+    reshard_after_forward: bool = True,
+    from_rank0: bool = False,
+) -> None:
     """``fully_shard`` on each decoder layer, then on the decoder, of a PEFT-wrapped causal LM.
+
+    With ``from_rank0`` (every rank passes the same value) only rank 0 holds the weights (the others built the
+    model on the ``meta`` device): every rank's shards, the replicated head and the buffers come from rank 0
+    (:func:`load_from_rank0`). Otherwise every rank read the weights itself and only the LoRA initialisation
+    is broadcast (:func:`broadcast_adapters`).
 
     The decoder is the FSDP root because it is the first module to run ``forward`` (the vocabulary math
     calls it directly; HF ``generate`` reaches it through the LM). The output head is left out.
@@ -215,7 +238,9 @@ def shard_backbone(policy: Any, mesh: Any, *, mp_policy: Any, reshard_after_forw
     """
     from torch.distributed.fsdp import fully_shard
 
-    broadcast_adapters(policy, mesh.device_type)
+    full = policy.state_dict() if from_rank0 and torch.distributed.get_rank() == 0 else {}
+    if not from_rank0:
+        broadcast_adapters(policy, mesh.device_type)
     base = policy.get_base_model()
     decoder = base.get_decoder()
     head_weight = base.get_output_embeddings().weight
@@ -231,6 +256,34 @@ def shard_backbone(policy: Any, mesh: Any, *, mp_policy: Any, reshard_after_forw
             f"--trainer.strategy fsdp2 shards the decoder layers, but {outside[0]!r} is trained outside them; "
             "keep --model.lora_target_modules inside the layers (the default projections)"
         )
+    if from_rank0:
+        load_from_rank0(policy, full, mesh.device_type)
+
+
+def load_from_rank0(policy: Any, full: dict[str, Any], device_type: str) -> None:
+    """Every rank's tensors from rank 0's full state dict ``full`` (``{}`` on the other ranks), after sharding.
+
+    The other ranks' modules are materialised empty on the device (``to_empty``, then the model's own
+    ``tie_weights``); torch's ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``
+    broadcasts one tensor at a time and each rank keeps its shard (the whole tensor where it is not sharded: the head). Buffers that are not in
+    the state dict (the rotary ``inv_freq``) are broadcast as they are.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = (
+        torch.device(device_type, torch.cuda.current_device())
+        if device_type == "cuda"
+        else torch.device("cpu")
+    )
+    if torch.distributed.get_rank() == 0:
+        policy.to(device)  # what fully_shard did not move (the head) joins the shards
+    else:
+        policy.to_empty(device=device)  # new parameter objects: tied weights come apart, and are tied again
+        policy.get_base_model().tie_weights()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, full, options=options)
+    for buffer in policy.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def broadcast_adapters(policy: Any, device_type: str) -> None:

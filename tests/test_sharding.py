@@ -236,6 +236,65 @@ def test_merged_weights_of_a_sharded_policy_equal_the_unsharded_ones(tiny_model_
     mp.spawn(_merge_under_fsdp2, args=(str(tiny_model_dir), str(tmp_path / "store")), nprocs=2)
 
 
+def _load_from_rank0(rank: int, model_dir: str, store: str) -> None:
+    """One of 2 gloo processes: rank 1 never reads the weights, yet ends with rank 0's model, shard by shard."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoModelForCausalLM
+
+    from egrsd_pl.backbone import load_backbone
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        read = AutoModelForCausalLM.from_pretrained
+        if rank == 1:  # the weights must not be read on this rank
+
+            def refuse(*args: Any, **kwargs: Any) -> Any:
+                raise AssertionError("rank 1 read the weights")
+
+            AutoModelForCausalLM.from_pretrained = refuse  # type: ignore[method-assign]
+        _, base = load_backbone(
+            "tiny", model_dir, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False,
+            empty=rank == 1,
+        )  # fmt: skip
+        AutoModelForCausalLM.from_pretrained = read  # type: ignore[method-assign]
+        assert base.generation_config.eos_token_id is not None
+        torch.manual_seed(rank)  # a different LoRA initialisation on each rank: rank 0's must win
+        policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        assert all(p.is_meta for p in policy.parameters()) == (rank == 1)
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        before = [policy(input_ids=ids).logits.detach() if rank == 0 else None]
+        expected = [{n: p.detach().clone() for n, p in policy.named_parameters()} if rank == 0 else None]
+        expected[0] = expected[0] and {**expected[0], **{n: b.clone() for n, b in policy.named_buffers()}}
+        shard_backbone(
+            policy, init_device_mesh("cpu", (2,)), mp_policy=MixedPrecisionPolicy(), from_rank0=True
+        )
+        torch.distributed.broadcast_object_list(before, src=0)
+        torch.distributed.broadcast_object_list(expected, src=0)
+        assert not any(t.is_meta for t in [*policy.parameters(), *policy.buffers()])
+        assert base.get_output_embeddings().weight is base.get_input_embeddings().weight  # tied, as on disk
+        values = {n: full_tensor(p.detach()) for n, p in policy.named_parameters()}
+        values.update({n: b for n, b in policy.named_buffers()})
+        assert values.keys() == expected[0].keys(), sorted(values.keys() ^ expected[0].keys())[:6]
+        different = [n for n in values if not torch.equal(values[n], expected[0][n])]
+        assert not different, different[:3]
+        assert any("inv_freq" in n for n in values)  # a buffer that is not in the state dict
+        assert torch.equal(policy(input_ids=ids).logits.detach(), before[0])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_load_from_rank0_gives_every_rank_rank0s_model_without_reading_it(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_load_from_rank0, args=(str(tiny_model_dir), str(tmp_path / "store")), nprocs=2)
+
+
 def test_resuming_optimizer_state_keyed_by_another_strategy_is_refused():
     from egrsd_pl.sharding import MODULE_PARAMETER_KEYS, OPTIMIZER_KEYS, check_optimizer_keys
 
