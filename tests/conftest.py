@@ -77,11 +77,24 @@ def tiny_tokenizer(tiny_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")
+
+
 @pytest.fixture(autouse=True)
 def no_process_group_left_behind() -> Any:
-    """A test whose Trainer ran a DDP strategy in this process (one rank, e.g. the paper configs' ``ddp``
-    in tests/test_rehearsal.py) leaves Lightning's default process group initialised; destroy it so the
-    next test (vLLM's in-process world-1 group, the DDP tests) starts from a clean process."""
+    """A test whose Trainer ran a DDP or FSDP2 strategy in this process (one rank, e.g. the paper configs'
+    ``ddp`` / ``fsdp2`` in tests/test_rehearsal.py) leaves Lightning's default process group initialised and its
+    ``MASTER_PORT`` in ``os.environ``; destroy the group and restore the launcher variables, so the next test
+    (vLLM's in-process world-1 group, the DDP tests, whose subprocesses would inherit a port this process may
+    still hold) starts from a clean process."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
