@@ -230,6 +230,21 @@ def test_markdown_tables_hand_checked(tmp_path: Path):
     assert paths["plot"].stat().st_size > 0
 
 
+def test_reference_that_is_already_the_default_is_reported_once(tmp_path: Path):
+    # Without an untrained method the default reference is the first trained one; --reference naming it
+    # (a gamma sweep against RLSD) gave the same "Against ..." block twice in comparison.md.
+    trained = [m for m in METHODS if m[0] != "no_train"]
+    results = write_results(tmp_path / "runs")
+    summaries = summarize(trained, {name: results[name] for name, _, _ in trained})
+    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=0, reference="sft")
+    markdown = paths["markdown"].read_text()
+    assert markdown.count("Against SFT (") == 1
+    assert set(json.loads(paths["json"].read_text())["differences"]) == {"sft"}
+    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=0, reference="egrsd")
+    markdown = paths["markdown"].read_text()  # another reference: both blocks, each once
+    assert markdown.count("Against SFT (") == 1 and markdown.count("Against EGRSD (") == 1
+
+
 def test_runs_of_one_method_must_share_benchmarks(tmp_path: Path):
     results = write_results(tmp_path)
     results["egrsd"][1] = results["egrsd"][1]._replace(accuracy={"synthetic": 1.0})
