@@ -35,6 +35,7 @@ from egrsd_pl.compare.significance import holm_adjust, welch_difference
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 METHOD_FILES = sorted((ROOT / "configs" / "compare").glob("*.yaml"))
+OVERLAYS = {"tiny.yaml": "tiny_vllm.yaml", "mechanism_run.yaml": "mechanism.yaml"}  # overlay: its base config
 
 # Hand-made evaluations: (synthetic avg@4, gsm8k avg@4, synthetic len, gsm8k len) per seed.
 # no_train: Avg. 60, 64 -> mean 62, std sqrt((2² + 2²) / 1) = 2.828; AvgLen 200, 220 -> 210 ± 14.14;
@@ -230,6 +231,21 @@ def test_markdown_tables_hand_checked(tmp_path: Path):
     assert paths["plot"].stat().st_size > 0
 
 
+def test_reference_that_is_already_the_default_is_reported_once(tmp_path: Path):
+    # Without an untrained method the default reference is the first trained one; --reference naming it
+    # (a gamma sweep against RLSD) gave the same "Against ..." block twice in comparison.md.
+    trained = [m for m in METHODS if m[0] != "no_train"]
+    results = write_results(tmp_path / "runs")
+    summaries = summarize(trained, {name: results[name] for name, _, _ in trained})
+    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=0, reference="sft")
+    markdown = paths["markdown"].read_text()
+    assert markdown.count("Against SFT (") == 1
+    assert set(json.loads(paths["json"].read_text())["differences"]) == {"sft"}
+    paths = write_comparison(summaries, tmp_path, command="egrsd compare …", pending=0, reference="egrsd")
+    markdown = paths["markdown"].read_text()  # another reference: both blocks, each once
+    assert markdown.count("Against SFT (") == 1 and markdown.count("Against EGRSD (") == 1
+
+
 def test_runs_of_one_method_must_share_benchmarks(tmp_path: Path):
     results = write_results(tmp_path)
     results["egrsd"][1] = results["egrsd"][1]._replace(accuracy={"synthetic": 1.0})
@@ -255,8 +271,8 @@ def test_override_args_spell_yaml_values_for_the_cli():
 def test_shipped_methods_files_name_their_command_and_parse(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# egrsd compare --config configs/") and f"configs/compare/{path.name}" in first
-    if path.name == "tiny.yaml":  # an overlay of configs/tiny_vllm.yaml, not a methods file
-        base = ["--config", str(ROOT / "configs" / "tiny_vllm.yaml"), "--config", str(path)]
+    if path.name in OVERLAYS:  # an overlay of a base config, not a methods file
+        base = ["--config", str(ROOT / "configs" / OVERLAYS[path.name]), "--config", str(path)]
         assert check_methods(path, [Method("m", "m")], base, parse_error) is None
         return
     methods = read_methods(path)
@@ -271,6 +287,21 @@ def test_paper_methods_are_the_papers():
     assert methods["cl_egrsd"].overrides["model.window"] == 3
     gammas = [m.overrides["model.gamma"] for m in read_methods(ROOT / "configs" / "compare" / "gamma.yaml")]
     assert gammas == [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]  # Table 4's rows
+
+
+def test_mechanism_methods_are_issue_21s_and_the_sweep_reuses_their_runs():
+    compare = ROOT / "configs" / "compare"
+    methods = {m.name: m for m in read_methods(compare / "mechanism.yaml")}
+    assert list(methods) == ["no_train", "rlsd", "egrsd", "cl_egrsd_w3", "cl_egrsd_w5"]
+    assert not methods["no_train"].fit
+    gates = {
+        n: (m.overrides["model.gamma"], m.overrides["model.window"]) for n, m in methods.items() if m.fit
+    }
+    assert gates == {"rlsd": (0.0, 0), "egrsd": (0.3, 0), "cl_egrsd_w3": (0.3, 3), "cl_egrsd_w5": (0.3, 5)}
+    sweep = {m.name: m for m in read_methods(compare / "mechanism_gamma.yaml")}
+    assert [m.overrides["model.gamma"] for m in sweep.values()] == [0.0, 0.3, 0.6, 0.9]
+    for shared in ("rlsd", "egrsd"):  # same name and overrides: the same run folder, reused by the sweep
+        assert sweep[shared].args() == methods[shared].args()
 
 
 @pytest.mark.parametrize(

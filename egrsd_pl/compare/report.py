@@ -180,7 +180,9 @@ def comparison_markdown(
         difference_table(summaries),
         "",
     ]
-    against = difference_table(summaries, reference) if reference is not None else ""
+    # --reference naming the default reference (no untrained method, the first one) would repeat its block
+    again = reference is not None and choose_reference(summaries, reference) is choose_reference(summaries)
+    against = difference_table(summaries, reference) if reference is not None and not again else ""
     if against:
         parts += [against, ""]
     if snapshots is not None:
