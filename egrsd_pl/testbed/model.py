@@ -13,7 +13,7 @@ from egrsd_pl.testbed.tokenizer import ENDOFTEXT, IM_END
 def tiny_qwen3_config(tokenizer: Any, *, hidden_size: int = 128, num_layers: int = 2) -> Qwen3Config:
     """A standard Qwen3 config (vLLM and ``from_pretrained`` load it): 0.47 M parameters by default.
 
-    Smaller than the issue's "about 1-5 M" on purpose: with a 601-token vocabulary, 2 layers of
+    Smaller than "about 1-5 M" on purpose: with a 601-token vocabulary, 2 layers of
     width 128 learned the synthetic data fastest per CPU second in a sweep (docs/testbed.md);
     2 x 192 (1.0 M) and 3 x 192 (1.4 M) learned more per step but cost 2-3 times more per step.
 
