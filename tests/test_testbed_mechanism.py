@@ -191,3 +191,57 @@ def test_student_smoothing_is_torch_label_smoothing(mechanism_tokenizer: Any) ->
         expected = F.cross_entropy(logits[mask], targets[mask], label_smoothing=0.1)
         assert smoothed.item() == pytest.approx(expected.item(), rel=1e-5)
         assert plain.item() < mixed.item() < smoothed.item()
+
+
+RECORD = Path(build_module.__file__).with_name("mechanism_record.json")
+
+
+def test_a_fresh_build_matches_the_recorded_one(tmp_path: Path) -> None:
+    """The recorded ``testbed:mechanism`` build (``egrsd_pl/testbed/mechanism_record.json``, seed 0, default
+    budget) against a fresh one: tokenizer and configs byte for byte (SHA-256), and the weights after the first
+    40 warm-start steps within ``PREFIX_TOLERANCE`` of the recorded fingerprint, on any x86-64 CPU type (as for
+    ``testbed:tiny``; compared only under the torch version that made the record)."""
+    import hashlib
+
+    record = json.loads(RECORD.read_text())
+    built = record["testbed"]
+    spec = world("mechanism")
+    assert (built["world"], built["version"], built["seed"]) == ("mechanism", spec.version, 0)
+    assert built["budget_s"] == build_module.default_budget_s("mechanism")
+    tokenizer, model = build_module._fresh_testbed(seed=built["seed"], spec=spec)
+    tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    written = {
+        name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in build_module.EXACT_FILES
+    }
+    assert written == record["files_sha256"]
+    if torch.__version__ != built["torch"]:
+        pytest.skip(f"the prefix was recorded under torch {built['torch']}, this is {torch.__version__}")
+    drift = build_module.prefix_drift(built)
+    assert drift <= build_module.PREFIX_TOLERANCE, drift
+
+
+def test_diagnose_on_the_built_world_lands_in_the_target_ranges(tmp_path: Path) -> None:
+    """A regression guard for the world (not a timing test): ``egrsd diagnose`` on the base model, with the
+    settings its figures in docs/testbed.md were measured with (100 problems x 2 samples, γ 0.3, W 5, τ 0.1 /
+    0.3), lands in the ranges the world was designed for. Needs the built world (about 9 CPU-minutes:
+    ``python -m egrsd_pl.testbed build mechanism``); skipped where it is not cached."""
+    from egrsd_pl.cli import parse_run
+    from egrsd_pl.diagnostics import main as diagnose
+
+    if not (cached_testbed_dir(world_name="mechanism") / "testbed.json").is_file():
+        pytest.skip("testbed:mechanism is not built here: python -m egrsd_pl.testbed build mechanism")
+    config = str(Path(__file__).parents[1] / "configs" / "mechanism.yaml")
+    arguments = ["--config", config, "--problems", "100", "--samples", "2", "--output", str(tmp_path / "d")]
+    assert diagnose(arguments, parse_run=parse_run) == 0
+    summary = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
+    assert (summary["settings"]["gamma"], summary["settings"]["window"]) == (0.3, 5)
+    regimes = dict(zip(summary["regimes"]["names"], summary["regimes"]["shares"], strict=True))
+    assert 0.10 <= regimes["pivot"] <= 0.30 and regimes["fork"] >= 0.02, regimes
+    deciles = summary["deciles"]
+    assert 30 <= deciles["gap_ratio"] <= 1000
+    top_five = deciles["mean_abs_gap"][5:]
+    assert all(a < b for a, b in zip(top_five, top_five[1:], strict=False)), top_five
+    assert deciles["mean_omega"][-1] <= 0.85
+    counts, omegas = deciles["counts"], deciles["mean_omega"]
+    assert sum(c * w for c, w in zip(counts, omegas, strict=True)) / sum(counts) <= 0.97
