@@ -291,9 +291,8 @@ def evaluate(
         verifier = AnswerVerifier()
     shards = {name: list(problems)[rank::world_size] for name, problems in benchmarks.items()}
     # Every rank numbers its calls alike, from the largest benchmark (ranks may hold fewer problems).
-    calls_per_run = max(
-        math.ceil(math.ceil(len(p) / world_size) / prompts_per_call) for p in benchmarks.values()
-    )
+    calls_of = {name: math.ceil(math.ceil(len(p) / world_size) / prompts_per_call) for name, p in benchmarks.items()}
+    calls_per_run = max(calls_of.values())
     total = sum(len(shard) * runs_of[name] for name, shard in shards.items())
     bar = _progress_bar(total, enabled=progress and rank == 0)
     scores: dict[str, BenchmarkScores] = {}
@@ -307,7 +306,10 @@ def evaluate(
                 metric.update(
                     *_sample_matrices([], [], sampling.num_rollouts, device)
                 )  # a rank may hold none
-                for call, start in enumerate(range(0, len(shard), prompts_per_call)):
+                # A collective engine (vLLM over a tensor-parallel group): every rank makes the same calls,
+                # a rank with fewer problems empty ones.
+                calls = calls_of[name] if engine.generates_collectively else math.ceil(len(shard) / prompts_per_call)
+                for call, start in enumerate(range(0, calls * prompts_per_call, prompts_per_call)):
                     chunk = shard[start : start + prompts_per_call]
                     stream = (bench_index * calls_per_run + call) * world_size + rank
                     call_sampling = dataclasses.replace(
@@ -361,6 +363,8 @@ def _sample_and_verify(
     """``len(problems) * K`` prompt-major rollouts and their verdicts against each problem's gold."""
     k = sampling.num_rollouts
     rollouts = engine.generate([prompt_builder.student_prompt_ids(p.problem) for p in problems], sampling)
+    if not problems:
+        return [], []
     if [r.prompt_index for r in rollouts] != [i // k for i in range(len(problems) * k)]:
         raise RuntimeError(f"the engine must return {len(problems)} prompts x {k} rollouts, prompt-major")
     golds = [problems[r.prompt_index].answer for r in rollouts]

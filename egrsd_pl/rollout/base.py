@@ -111,6 +111,12 @@ class RolloutEngine(abc.ABC):
         then make the same calls; an engine with its own copy of the weights (vLLM) generates alone."""
         return False
 
+    @property
+    def generates_collectively(self) -> bool:
+        """Whether a ``generate`` call is a collective of several ranks (a vLLM engine spread over a
+        tensor-parallel group), so that those ranks must make the same sequence of calls, empty ones included."""
+        return False
+
     @abc.abstractmethod
     def setup(self, model: Any, tokenizer: Any, *, model_path: str, seed: int) -> None:
         """Binds the engine to the policy.

@@ -39,6 +39,13 @@ from egrsd_pl.rollout.base import (
 )
 from egrsd_pl.rollout.hf import stop_token_ids
 from egrsd_pl.rollout.merge import POLICY_ADAPTER, merged_weights
+from egrsd_pl.rollout.tensor_parallel import (
+    TENSOR_PARALLEL_FLAG,
+    MemberCall,
+    TensorParallelGroup,
+    group_requests,
+    member_call,
+)
 
 SyncMode = Literal["merged", "adapter"]
 
@@ -58,6 +65,15 @@ class VLLMEngine(RolloutEngine):
     seeds) and places its model on ``cuda:<LOCAL_RANK>``, which :meth:`setup` exports as the trainer's
     current device. vLLM's default in-process executor would put every rank's engine on ``cuda:0``.
     After start-up the current device is checked to still be the rank's own.
+
+    Decision: tensor parallel in colocate mode (``tensor_parallel_size`` N > 1). vLLM splits the trainer's
+    world into groups of N consecutive ranks, one engine per group with its weights and KV cache split N
+    ways; each ``generate`` gathers the group's calls, generates them together and hands each rank its own
+    slice, every request seeded as its rank would seed it alone (:mod:`egrsd_pl.rollout.tensor_parallel`).
+    The engine seed is the group's first rank's. Every rank syncs its own shard of the weights: the merged
+    sync streams the full tensors and vLLM's loaders keep each rank's slice; an adapter is loaded by every
+    rank of the group. Sleep and wake-up are per rank, in the same order on all of them (they make the
+    same calls): weights then KV cache.
 
     Decision: per-request seeds. With ``SamplingConfig.seed`` set, request ``i`` of a call (the
     prompt-major index over ``num_rollouts`` copies of each prompt) samples with seed
@@ -93,6 +109,10 @@ class VLLMEngine(RolloutEngine):
             On CPU it must be at least the model length (chunked prefill is off there, see below).
         adapter_dir: Parent folder of the per-rank adapter folders (``sync="adapter"``); ``None``
             uses the system temporary folder.
+        tensor_parallel_size: Training processes one engine spans (vLLM tensor parallel inside the training
+            processes, ``external_launcher``): each holds ``1/N`` of vLLM's weights and KV cache. Must
+            divide the number of processes; groups are consecutive ranks, so keep N within a node (N
+            divides ``--trainer.devices``). ``1``: one whole engine per rank.
         batch_invariant: Turn on vLLM's batch-invariant kernels (``VLLM_BATCH_INVARIANT=1``, set before
             vLLM is imported): on CUDA a sequence's tokens then do not depend on which other requests
             share its batch, which an exact resume needs there (``docs/gpu.md``). Slower decoding; on
@@ -116,6 +136,7 @@ class VLLMEngine(RolloutEngine):
         max_num_batched_tokens: int | None = None,
         adapter_dir: str | None = None,
         batch_invariant: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         if sync not in ("merged", "adapter"):
             raise ValueError(f"sync must be 'merged' or 'adapter', got {sync!r}")
@@ -135,6 +156,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
         if kv_cache_space_gib < 1:
             raise ValueError(f"kv_cache_space_gib must be a whole number >= 1, got {kv_cache_space_gib}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"{TENSOR_PARALLEL_FLAG} must be >= 1, got {tensor_parallel_size}")
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(MISSING_VLLM)
         self.sync = sync
@@ -152,6 +175,7 @@ class VLLMEngine(RolloutEngine):
         self.max_num_batched_tokens = max_num_batched_tokens
         self.adapter_dir = adapter_dir
         self.batch_invariant = batch_invariant
+        self.tensor_parallel_size = tensor_parallel_size
         self.sync_count = 0
         self.synced_step: int | None = None
         self._llm: Any = None
@@ -166,6 +190,11 @@ class VLLMEngine(RolloutEngine):
         self._lora_request: Any = None
         self._request_seeds = random.Random(0)
         self._reserved = 0
+        self._group: TensorParallelGroup | None = None
+
+    @property
+    def generates_collectively(self) -> bool:
+        return self.tensor_parallel_size > 1
 
     # ------------------------------------------------------------------ lengths
 
@@ -228,6 +257,9 @@ class VLLMEngine(RolloutEngine):
 
         self._sleeps = self.enable_sleep_mode and on_cuda
         self._owns_process_group = not distributed
+        if self.tensor_parallel_size > 1:
+            self._group = TensorParallelGroup(self.tensor_parallel_size)  # every rank, together
+            seed = self._group.leader(seed)  # one engine, one seed
         kwargs = self.engine_arguments(model, model_path=model_path, seed=seed, on_cuda=on_cuda)
         if self.sync == "adapter":
             rank = torch.distributed.get_rank() if distributed else 0
@@ -246,6 +278,8 @@ class VLLMEngine(RolloutEngine):
         self._asleep = False
         if on_cuda:
             check_device_kept(device, torch.cuda.current_device())
+        if self._group is not None:
+            vllm_compat.check_tensor_parallel_ranks(self._group.ranks)
         if self._sleeps:
             self._sleep()
 
@@ -262,6 +296,7 @@ class VLLMEngine(RolloutEngine):
             enable_prefix_caching=self.enable_prefix_caching,
             enable_sleep_mode=self.enable_sleep_mode and on_cuda,
             generation_config="vllm",  # sampling comes from SamplingConfig only, stops from _stop_ids
+            tensor_parallel_size=self.tensor_parallel_size,
         )
         if not on_cuda:
             # A seeded request whose prompt is split over two steps makes vLLM rewind its generator,
@@ -307,6 +342,9 @@ class VLLMEngine(RolloutEngine):
         self._lora_request = None
         self.synced_step = None
         self._asleep = False
+        if self._group is not None:
+            self._group.close()
+            self._group = None
 
     # ------------------------------------------------------------------ policy sync
 
@@ -355,54 +393,66 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """Samples ``num_rollouts`` completions per prompt; request ``i`` (prompt-major) with seed ``seed + i``.
+
+        With ``tensor_parallel_size`` > 1 this is a collective of the rank's group (see the class).
+        """
         if self._llm is None:
             raise RuntimeError("VLLMEngine.generate called before setup()")
         if self.synced_step is None:
             raise RuntimeError("VLLMEngine.generate called before sync_policy(): vLLM holds no policy yet")
-        if self._asleep:  # a second generate in the same step
-            self._wake_without_sync()
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if not prompt_ids:
-            return []
-        check_sequence_fits(  # a request vLLM would cut at max_model_len fails here instead
-            max(len(ids) for ids in prompt_ids),
-            sampling.max_new_tokens,
-            model_context=None,
-            engine_limit=self.max_sequence_length(),
-            new_tokens_flag="max_new_tokens",
-            prompt_name="the longest prompt of the call",
-        )
         # seed None: a base seed from the engine's own per-rank stream (the trainer's generators stay untouched)
         first_seed = self._request_seeds.randrange(2**31) if sampling.seed is None else sampling.seed
-        prompts, params = [], []
-        for index, ids in enumerate(prompt_ids):
-            for copy in range(sampling.num_rollouts):
-                request = index * sampling.num_rollouts + copy
-                prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        temperature=sampling.temperature,
-                        top_p=1.0 if sampling.greedy else sampling.top_p,
-                        top_k=0 if sampling.greedy or sampling.top_k <= 0 else sampling.top_k,
-                        max_tokens=sampling.max_new_tokens,
-                        seed=first_seed + request,
-                        stop_token_ids=self._stop_ids,
-                        detokenize=False,
-                        logprobs=0,  # the sampled token's own log-prob (raw: before temperature, top-p / top-k)
-                    )
+        own = member_call(prompt_ids, sampling, first_seed)
+        calls = [own] if self._group is None else self._group.gather(own)
+        member = 0 if self._group is None else self._group.index
+        if not any(call.prompt_ids for call in calls):
+            return []
+        for call in calls:  # every rank checks the whole group's calls, so all of them fail alike
+            if call.prompt_ids:
+                check_sequence_fits(  # a request vLLM would cut at max_model_len fails here instead
+                    max(len(ids) for ids in call.prompt_ids),
+                    call.sampling.max_new_tokens,
+                    model_context=None,
+                    engine_limit=self.max_sequence_length(),
+                    new_tokens_flag="max_new_tokens",
+                    prompt_name="the longest prompt of the call",
                 )
-        with _global_rng_preserved():  # vLLM's CPU sampler draws from the global generator even when seeded
-            outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
+        outputs = self._generate_requests(calls)[member]
         rollouts = [
             self._to_rollout(i // sampling.num_rollouts, out.outputs[0], sampling.max_new_tokens)
             for i, out in enumerate(outputs)
         ]
+        return rollouts
+
+    def _generate_requests(self, calls: Sequence[MemberCall]) -> list[list[Any]]:
+        """vLLM's outputs for the group's requests, split by member."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._asleep:  # a second generate in the same step
+            self._wake_without_sync()
+        requests, slices = group_requests(calls)
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=r.sampling.temperature,
+                top_p=1.0 if r.sampling.greedy else r.sampling.top_p,
+                top_k=0 if r.sampling.greedy or r.sampling.top_k <= 0 else r.sampling.top_k,
+                max_tokens=r.sampling.max_new_tokens,
+                seed=r.seed,
+                stop_token_ids=self._stop_ids,
+                detokenize=False,
+                logprobs=0,  # the sampled token's own log-prob (raw: before temperature, top-p / top-k)
+            )
+            for r in requests
+        ]
+        with _global_rng_preserved():  # vLLM's CPU sampler draws from the global generator even when seeded
+            outputs = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)
         if self._sleeps:
             self._sleep()
-        return rollouts
+        return [list(outputs[part]) for part in slices]
 
     def _to_rollout(self, prompt_index: int, completion: Any, max_new_tokens: int) -> Rollout:
         """One vLLM completion in the HF engine's convention (stop token kept); no stop token: exactly

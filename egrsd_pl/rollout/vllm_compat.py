@@ -120,6 +120,19 @@ def set_num_threads_restored() -> Iterator[None]:
         torch.set_num_threads = set_num_threads
 
 
+def check_tensor_parallel_ranks(expected: list[int]) -> None:
+    """Raises unless vLLM's tensor-parallel group of this rank (``parallel_state.get_tp_group().ranks``) is
+    ``expected``: the group whose calls :class:`~egrsd_pl.rollout.tensor_parallel.TensorParallelGroup` gathers."""
+    from vllm.distributed import parallel_state
+
+    ranks = list(parallel_state.get_tp_group().ranks)
+    if ranks != list(expected):
+        raise RuntimeError(
+            f"vLLM put this rank in the tensor-parallel group {ranks}, but the engine gathers prompts over "
+            f"{list(expected)}: this vLLM version lays out its ranks differently (see egrsd_pl/rollout/vllm_compat.py)"
+        )
+
+
 def reload_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """vLLM's in-place layerwise reload (checkpoint-format names, re-processed into kernel layouts).
 
