@@ -75,6 +75,7 @@ class RecordSteps(L.Callback):
             strategy=type(trainer.strategy).__name__,
             mesh=tuple(getattr(trainer.strategy, "shard_mesh", torch.empty(0)).shape),
             world_size=trainer.world_size,
+            tensor_parallel_size=getattr(trainer.datamodule.engine, "tensor_parallel_size", None),  # type: ignore[attr-defined]
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
@@ -234,20 +235,27 @@ VLLM_ENGINE = {
 
 @pytest.mark.vllm
 def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir: Path, tmp_path: Path):
-    """One vLLM engine per rank, synced once per step with the merged policy (``sync merged``): under FSDP2
-    every rank gathers the weights tensor by tensor while its engine loads them. Step 2 samples from the
-    weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact; the avg@K
-    evaluation at the end (5 problems: rank 0 holds 3, rank 1 holds 2) samples the same completions, and so
+    """vLLM synced once per step with the merged policy (``sync merged``): under DDP one engine per rank; under
+    FSDP2 one engine at tensor parallel 2 over both ranks, each gathering the weights tensor by tensor while its
+    half of the engine loads them, and each rank's prompts gathered into the group's calls. Step 2 samples from
+    the weights step 1 trained, so equal rollouts (hence equal losses) need the sync to be exact and every rank
+    to get its own rollouts back; the avg@K evaluation at the end (5 problems, 2 per call: rank 0 makes 2
+    calls, rank 1 one, and under tensor parallel a second, empty one) samples the same completions, and so
     does ``validate`` under FSDP2 on the step-2 checkpoint."""
     evaluation = [
         "--evaluation.at_end=true",
         '--evaluation.benchmarks=[{"name": "synthetic", "limit": 5}]',
         "--evaluation.k=2",
         "--evaluation.max_new_tokens=16",
+        "--evaluation.prompts_per_call=2",
         "--evaluation.progress=false",
         "--evaluation.verbose=false",
     ]
-    engine = f"--data.engine={json.dumps(VLLM_ENGINE)}"
+    tensor_parallel = {**VLLM_ENGINE, "init_args": {**VLLM_ENGINE["init_args"], "tensor_parallel_size": 2}}
+    engines = {
+        "ddp": f"--data.engine={json.dumps(VLLM_ENGINE)}",
+        "fsdp2": f"--data.engine={json.dumps(tensor_parallel)}",
+    }
     seconds = {
         strategy: run(
             tmp_path / strategy,
@@ -257,12 +265,13 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
             engine,
             *evaluation,
         )
-        for strategy in ("ddp", "fsdp2")
+        for strategy, engine in engines.items()
     }
     print("\nwall time (s): " + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()))
     ddp, fsdp2 = records(tmp_path / "ddp"), records(tmp_path / "fsdp2")
     for rank in range(2):
         assert fsdp2[rank]["strategy"] == "FSDP2Strategy" and fsdp2[rank]["step"] == [1, 2]
+        assert (fsdp2[rank]["tensor_parallel_size"], ddp[rank]["tensor_parallel_size"]) == (2, 1)
         assert fsdp2[rank]["loss"] == pytest.approx(ddp[rank]["loss"], abs=TOLERANCE)
         assert fsdp2[rank]["grad_norm"] == pytest.approx(ddp[rank]["grad_norm"], rel=TOLERANCE)
         assert max_abs_diff(fsdp2[rank]["student"], ddp[rank]["student"]) <= TOLERANCE
@@ -283,7 +292,7 @@ def test_fsdp2_with_colocated_vllm_equals_ddp_with_colocated_vllm(tiny_model_dir
         tmp_path / "validate",
         tiny_model_dir,
         "--trainer.strategy=fsdp2",
-        engine,
+        engines["fsdp2"],
         *evaluation,
         f"--ckpt_path={checkpoint}",
         command="validate",

@@ -260,6 +260,7 @@ class VLLMEngine(RolloutEngine):
         if self.tensor_parallel_size > 1:
             self._group = TensorParallelGroup(self.tensor_parallel_size)  # every rank, together
             seed = self._group.leader(seed)  # one engine, one seed
+            self._reserved = max(self._group.gather(self._reserved))  # one engine, one max_model_len
         kwargs = self.engine_arguments(model, model_path=model_path, seed=seed, on_cuda=on_cuda)
         if self.sync == "adapter":
             rank = torch.distributed.get_rank() if distributed else 0
