@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +82,10 @@ class RecordSteps(L.Callback):
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run(workdir: Path, model_dir: Path, *args: str, command: str = "fit") -> float:
-    """``python main.py fit`` (or ``command``) on 2 CPU processes in ``workdir``; returns its wall time in seconds."""
+def command_line(
+    workdir: Path, model_dir: Path, *args: str, command: str = "fit"
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of ``python main.py fit`` (or ``command``) on 2 CPU processes in ``workdir``."""
     record = {"class_path": "test_fsdp2.RecordSteps", "init_args": {"out_dir": str(workdir / "record")}}
     argv = [
         sys.executable,
@@ -119,6 +122,12 @@ def run(workdir: Path, model_dir: Path, *args: str, command: str = "fit") -> flo
         "OMP_NUM_THREADS": "1",
     }
     workdir.mkdir(parents=True, exist_ok=True)
+    return argv, env
+
+
+def run(workdir: Path, model_dir: Path, *args: str, command: str = "fit") -> float:
+    """``python main.py fit`` (or ``command``) on 2 CPU processes in ``workdir``; returns its wall time in seconds."""
+    argv, env = command_line(workdir, model_dir, *args, command=command)
     start = time.perf_counter()
     result = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -223,6 +232,44 @@ def test_fsdp2_checkpoint_resumed_as_hsdp_equals_the_straight_run(runs):
     for rank in range(2):
         assert resumed[rank]["step"] == [3, 4]
         assert resumed[rank]["loss"] == pytest.approx(straight[rank]["loss"][2:], abs=RESUME_TOLERANCE)
+        assert max_abs_diff(resumed[rank]["student"], straight[rank]["student"]) <= RESUME_TOLERANCE
+        assert max_abs_diff(resumed[rank]["teacher"], straight[rank]["teacher"]) <= RESUME_TOLERANCE
+
+
+def test_sigterm_under_fsdp2_saves_a_checkpoint_that_resumes_to_the_straight_run(
+    runs, tiny_model_dir, tmp_path
+):
+    """SIGTERM to rank 0 of a 2-process FSDP2 run: both ranks finish the step, the collective save writes
+    ``last.ckpt`` and the run exits 0; resumed under FSDP2 to step 4 it ends where the straight run ended."""
+    argv, env = command_line(
+        tmp_path / "stopped",
+        tiny_model_dir,
+        "--trainer.strategy=fsdp2",
+        "--trainer.max_steps=50",
+        "--checkpoint.every_n_train_steps=1",
+    )
+    process = subprocess.Popen(argv, cwd=tmp_path / "stopped", env=env, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "stopped/runs/egrsd/version_0/checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints / "epoch=0-step=1.ckpt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no first checkpoint within 240 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-4000:]  # Lightning's SIGTERMException: a clean exit
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert 1 <= saved["global_step"] < STEPS
+    assert all("lora_" in name for name in saved["state_dict"])  # the FSDP2 checkpoint: adapters only
+    run(
+        tmp_path / "resumed",
+        tiny_model_dir,
+        "--trainer.strategy=fsdp2",
+        f"--trainer.max_steps={STEPS}",
+        f"--ckpt_path={checkpoints / 'last.ckpt'}",
+    )
+    resumed, straight = records(tmp_path / "resumed"), records(runs["fsdp2"])
+    for rank in range(2):
+        assert resumed[rank]["step"] == list(range(saved["global_step"] + 1, STEPS + 1))
         assert max_abs_diff(resumed[rank]["student"], straight[rank]["student"]) <= RESUME_TOLERANCE
         assert max_abs_diff(resumed[rank]["teacher"], straight[rank]["teacher"]) <= RESUME_TOLERANCE
 

@@ -45,14 +45,18 @@ def test_group_requests_lays_out_members_in_rank_order_with_their_own_seeds() ->
 def test_group_ranks_are_consecutive_blocks_that_divide_the_world() -> None:
     assert group_ranks(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert group_ranks(2, 1) == [[0], [1]]
-    with pytest.raises(ValueError, match="tensor_parallel_size 4 does not divide the 6 training processes") as e:
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size 4 does not divide the 6 training processes"
+    ) as e:
         group_ranks(6, 4)
     assert "\n" not in str(e.value)
 
 
 def test_a_group_needs_a_process_group() -> None:
     assert not torch.distributed.is_initialized()
-    with pytest.raises(ValueError, match="tensor_parallel_size 2: one colocated vLLM engine spans 2 training"):
+    with pytest.raises(
+        ValueError, match="tensor_parallel_size 2: one colocated vLLM engine spans 2 training"
+    ):
         TensorParallelGroup(2)
 
 
@@ -122,7 +126,9 @@ def test_four_processes_gather_within_their_own_group(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     script = [sys.executable, __file__, "gather", str(tmp_path)]
     processes = [
-        subprocess.Popen([*script, str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [*script, str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for rank in range(4)
     ]
     logs = [process.communicate(timeout=300)[0] for process in processes]
@@ -156,7 +162,9 @@ PROBLEMS = ["What is 12 + 35?", "What is 7 * 8?", "What is 3 - 1?"]
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_one_engine_over_two_ranks_gives_each_rank_its_own_rollouts(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_one_engine_over_two_ranks_gives_each_rank_its_own_rollouts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("RANK", None)
     processes = [
@@ -205,7 +213,9 @@ def engine_rank(out_dir: str, rank: int, model_dir: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)  # the same LoRA on both ranks, as DDP's broadcast makes it
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     with torch.no_grad():  # B = 0 at initialisation: make the policy differ from the base
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -244,7 +254,9 @@ def engine_rank(out_dir: str, rank: int, model_dir: str) -> None:
     stops = set(engine._stop_ids)
     with torch.no_grad():
         for ids in mine:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(stops))
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(stops)
+            )
             completion = out[0, len(ids) :].tolist()
             cut = next((i + 1 for i, t in enumerate(completion) if t in stops), len(completion))
             record["hf_greedy"].append(completion[:cut])
