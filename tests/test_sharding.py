@@ -185,18 +185,22 @@ def test_a_trained_tensor_outside_the_layers_is_refused(tiny_model_dir: Path, on
 
 
 def _merge_under_fsdp2(rank: int, model_dir: str, store: str) -> None:
-    """One of 2 gloo processes: merged weights of the sharded policy equal the unsharded ones bit for bit."""
+    """One of 2 gloo processes: merged weights of the sharded policy equal the unsharded ones bit for bit, and
+    the ``hard_copy`` teacher update copies the sharded student adapter exactly."""
     from peft.tuners.lora import LoraLayer
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from egrsd_pl.rollout.merge import merged_weights
+    from egrsd_pl.teacher import Teacher, lora_parameters
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.manual_seed(rank)  # a different LoRA initialisation (A) on each rank: rank 0's must win
         policy = _policy(Path(model_dir), ["q_proj", "v_proj", "down_proj"])
+        teacher = Teacher("hard_copy")
+        teacher.attach(policy, policy.peft_config["default"])
         own_factor = policy.get_base_model().model.layers[1].self_attn.v_proj.lora_A["default"].weight.clone()
         broadcast_adapters(policy, "cpu")
         generator = torch.Generator().manual_seed(1)
@@ -225,6 +229,15 @@ def _merge_under_fsdp2(rank: int, model_dir: str, store: str) -> None:
         # shard_backbone broadcast rank 0's adapters again: rank 1's own initialisation is gone.
         kept = after["base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
         assert torch.equal(kept, own_factor) == (rank == 0)
+        # hard_copy on the shards: the teacher adapter becomes the (trained-looking) student, tensor for tensor.
+        student = {k: full_tensor(v.detach()) for k, v in lora_parameters(policy, "default").items()}
+        assert not all(
+            torch.equal(full_tensor(v.detach()), student[k])
+            for k, v in lora_parameters(policy, "teacher").items()
+        )
+        teacher.update(0.0, step=1)
+        copied = {k: full_tensor(v.detach()) for k, v in lora_parameters(policy, "teacher").items()}
+        assert copied.keys() == student.keys() and all(torch.equal(copied[k], student[k]) for k in student)
     finally:
         torch.distributed.destroy_process_group()
 
