@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first-GPU acceptance check of the real training path (run from the repo root on a CUDA machine):
 #   bash bench/gpu_check.sh [OUT_DIR] [MODEL]
-# In about 11 minutes on one GPU, plus up to 10 for stage 8 (each stage has its own time limit and the script goes on when one fails):
+# In about 11 minutes on one GPU (5 more with 2 GPUs), plus up to 10 for stage 8 (each stage has its own time limit and the script goes on when one fails):
 #   1. the environment (GPU, versions; flash-attn or, if it is missing, sdpa);
 #   2. builds MODEL (default testbed:qwen3-shape?like=qwen3-4b: random weights at Qwen3-4B's exact shape);
 #   3. a 3-step `fit` of configs/egrsd.yaml on it: bf16-mixed, gradient checkpointing, LoRA r 64, vLLM with
@@ -9,7 +9,8 @@
 #      the current device of each rank, vLLM greedy vs the HF student after step 2 (bench/gpu_check.py);
 #   4. the same with 2 processes (DDP, one vLLM engine per GPU) when 2 GPUs are visible;
 #   5. the FSDP2 path: the same 3-step fit under configs/qwen3_14b/egrsd.yaml's strategy (fsdp2, on every visible
-#      GPU up to 2) at MODEL's shape, recorded as fit_fsdp2_<n>gpu;
+#      GPU up to 2) at MODEL's shape, recorded as fit_fsdp2_<n>gpu; with 2 GPUs also under configs/qwen3_32b/egrsd.yaml
+#      (fsdp2 and one vLLM engine at tensor parallel 2 over both GPUs), recorded as fit_fsdp2_tp2_2gpu;
 #   6. the engine's start-up at the evaluation's 32,768-token cap (as `validate` starts it);
 #   7. the table of every figure: printed and written to OUT_DIR/gpu_check.md (copy it into docs/ when reviewed);
 #   8. bench/server.py: steps/s of the tiny testbed with colocated vLLM vs a vLLM server (adapter and merged sync,
@@ -61,6 +62,12 @@ fi
 fsdp2_devices=$(( gpus >= 2 ? 2 : 1 ))
 stage fit_fsdp2 300 python3 bench/gpu_check.py fit --out "$out" --devices "$fsdp2_devices" --steps 3 --model "$model" \
   --config configs/qwen3_14b/egrsd.yaml --tag fsdp2
+if [ "$gpus" -ge 2 ]; then
+  stage fit_fsdp2_tp2 300 python3 bench/gpu_check.py fit --out "$out" --devices 2 --steps 3 --model "$model" \
+    --config configs/qwen3_32b/egrsd.yaml --tag fsdp2_tp2
+else
+  echo "== fit_fsdp2_tp2: skipped ($gpus GPU visible; vLLM tensor parallel 2 needs 2)" | tee -a "$out/stages.txt"
+fi
 stage startup 150 python3 bench/gpu_check.py startup --out "$out" --model "$model"
 python3 bench/gpu_check.py table --out "$out" --write "$out/gpu_check.md"
 stage server_bench 600 python3 bench/server.py --steps 8
