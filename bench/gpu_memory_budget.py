@@ -8,7 +8,9 @@
 
 Everything is computed from the model's shape (``QWEN3_SHAPES`` of ``egrsd_pl/testbed/qwen3_shape.py``,
 the real models' ``config.json`` values) and the config's own numbers (LoRA rank, batch, lengths, vLLM
-engine settings). The assumptions, each a line in the table:
+engine settings). The per-model functions also take any Qwen3-style :class:`ModelShape`, e.g. one read
+from a ``config.json`` (``tests/test_memory_budget_measured.py`` checks them against the tiny testbed on
+CPU). The assumptions, each a line in the table:
 
 - the student's base weights are bfloat16; PEFT keeps LoRA weights in float32 (``autocast_adapter_dtype``);
   AdamW holds two float32 moments per LoRA weight and the gradient is float32;
@@ -59,6 +61,7 @@ largest ``gpu_memory_utilization`` (in steps of 0.05) that leaves the trainer an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,10 +89,56 @@ PAPER_CONFIGS = sorted(
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What the budget reads of a Qwen3-style backbone (fields named as in ``QWEN3_SHAPES``; head dim and
+    vocabulary default to Qwen3's)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    tie_embeddings: bool
+    head_dim: int = HEAD_DIM
+    vocab_size: int = QWEN3_VOCAB_SIZE
+
+    @classmethod
+    def named(cls, model: str) -> ModelShape:
+        """A real model's shape: ``qwen3-4b``, ``qwen3-8b``, ``qwen3-14b`` or ``qwen3-32b``."""
+        shape = QWEN3_SHAPES[model]
+        return cls(**{**shape, "tie_embeddings": bool(shape["tie_embeddings"])})
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> ModelShape:
+        """The shape in a model folder's ``config.json`` (or that file); head dim and tied embeddings
+        default as in ``Qwen3Config`` (128, untied)."""
+        path = Path(path)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=config["num_attention_heads"],
+            num_kv_heads=config["num_key_value_heads"],
+            intermediate_size=config["intermediate_size"],
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            head_dim=config.get("head_dim", HEAD_DIM),
+            vocab_size=config["vocab_size"],
+        )
+
+
+Model = str | ModelShape  # a name of ``QWEN3_SHAPES``, or a shape
+
+
+def shape_of(model: Model) -> ModelShape:
+    """The shape of a named model; a shape as it is."""
+    return model if isinstance(model, ModelShape) else ModelShape.named(model)
+
+
+@dataclass(frozen=True)
 class Workload:
     """The numbers of one config that memory depends on."""
 
-    model: str  # "qwen3-4b" or "qwen3-8b"
+    model: Model  # "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b" or a ModelShape
     lora_rank: int
     lora_targets: tuple[str, ...]
     teacher_adapter: bool  # a second (frozen-gradient) LoRA adapter: every schedule but "frozen"
@@ -106,16 +155,16 @@ class Workload:
     fsdp2: bool = False  # trainer.strategy fsdp2: the trainer's weights sharded (budget's shard_size)
 
 
-def parameters(model: str) -> dict[str, int]:
+def parameters(model: Model) -> dict[str, int]:
     """Parameter counts of the backbone (``total``) and the pieces the budget needs."""
-    shape = QWEN3_SHAPES[model]
-    hidden, layers, inter = shape["hidden_size"], shape["num_layers"], shape["intermediate_size"]
-    q_dim, kv_dim = shape["num_heads"] * HEAD_DIM, shape["num_kv_heads"] * HEAD_DIM
+    shape = shape_of(model)
+    hidden, layers, inter = shape.hidden_size, shape.num_layers, shape.intermediate_size
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     per_layer = (
-        hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * inter + 2 * hidden + 2 * HEAD_DIM
+        hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * inter + 2 * hidden + 2 * shape.head_dim
     )
-    embedding = QWEN3_VOCAB_SIZE * hidden
-    head = 0 if shape["tie_embeddings"] else embedding
+    embedding = shape.vocab_size * hidden
+    head = 0 if shape.tie_embeddings else embedding
     return {
         "total": embedding + head + layers * per_layer + hidden,
         "q_dim": q_dim,
@@ -125,10 +174,10 @@ def parameters(model: str) -> dict[str, int]:
     }
 
 
-def lora_parameters(model: str, rank: int, targets: tuple[str, ...]) -> int:
+def lora_parameters(model: Model, rank: int, targets: tuple[str, ...]) -> int:
     """``rank · (in + out)`` per targeted projection and layer."""
-    shape = QWEN3_SHAPES[model]
-    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    shape = shape_of(model)
+    hidden, inter = shape.hidden_size, shape.intermediate_size
     dims = parameters(model)
     q_dim, kv_dim = dims["q_dim"], dims["kv_dim"]
     sizes = {
@@ -140,13 +189,13 @@ def lora_parameters(model: str, rank: int, targets: tuple[str, ...]) -> int:
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
-    return shape["num_layers"] * sum(rank * sum(sizes[name]) for name in targets)
+    return shape.num_layers * sum(rank * sum(sizes[name]) for name in targets)
 
 
-def check_tensor_parallel(model: str, tensor_parallel: int) -> None:
+def check_tensor_parallel(model: Model, tensor_parallel: int) -> None:
     """Raises unless vLLM can split ``model`` ``tensor_parallel`` ways (its Qwen3 attention's own checks)."""
-    shape = QWEN3_SHAPES[model]
-    heads, kv_heads = shape["num_heads"], shape["num_kv_heads"]
+    shape = shape_of(model)
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     if (
         tensor_parallel < 1
         or heads % tensor_parallel
@@ -157,44 +206,44 @@ def check_tensor_parallel(model: str, tensor_parallel: int) -> None:
         )
 
 
-def kv_heads_per_gpu(model: str, tensor_parallel: int = 1) -> int:
+def kv_heads_per_gpu(model: Model, tensor_parallel: int = 1) -> int:
     """KV heads one GPU holds: split ``tensor_parallel`` ways, at least one (vLLM replicates past that)."""
     check_tensor_parallel(model, tensor_parallel)
-    return max(1, QWEN3_SHAPES[model]["num_kv_heads"] // tensor_parallel)
+    return max(1, shape_of(model).num_kv_heads // tensor_parallel)
 
 
-def vllm_weight_parameters(model: str, tensor_parallel: int = 1) -> float:
+def vllm_weight_parameters(model: Model, tensor_parallel: int = 1) -> float:
     """Parameters one GPU of a vLLM engine holds: all but the RMSNorm weights split ``tensor_parallel`` ways
     (linear layers by heads / columns, embedding and head by vocabulary rows), k/v by KV heads."""
-    shape = QWEN3_SHAPES[model]
+    shape = shape_of(model)
     dims = parameters(model)
-    hidden, layers = shape["hidden_size"], shape["num_layers"]
-    norms = layers * (2 * hidden + 2 * HEAD_DIM) + hidden  # input/post-attention, q/k norms; final norm
+    hidden, layers = shape.hidden_size, shape.num_layers
+    norms = layers * (2 * hidden + 2 * shape.head_dim) + hidden  # input/post-attention, q/k norms; final norm
     kv = layers * 2 * hidden * dims["kv_dim"]  # k_proj and v_proj
-    kv_per_gpu = kv * kv_heads_per_gpu(model, tensor_parallel) / shape["num_kv_heads"]
+    kv_per_gpu = kv * kv_heads_per_gpu(model, tensor_parallel) / shape.num_kv_heads
     return norms + (dims["total"] - norms - kv) / tensor_parallel + kv_per_gpu
 
 
-def kv_bytes_per_token(model: str, tensor_parallel: int = 1) -> int:
+def kv_bytes_per_token(model: Model, tensor_parallel: int = 1) -> int:
     """KV cache bytes of one token on one GPU (its share of the KV heads)."""
-    shape = QWEN3_SHAPES[model]
-    return 2 * shape["num_layers"] * kv_heads_per_gpu(model, tensor_parallel) * HEAD_DIM * BF16
+    shape = shape_of(model)
+    return 2 * shape.num_layers * kv_heads_per_gpu(model, tensor_parallel) * shape.head_dim * BF16
 
 
-def layer_activation_bytes_per_token(model: str, tensor_parallel: int = 1) -> float:
+def layer_activation_bytes_per_token(model: Model, tensor_parallel: int = 1) -> float:
     """One layer's activations per token; under tensor parallel the head- and column-split parts divide."""
-    shape = QWEN3_SHAPES[model]
+    shape = shape_of(model)
     dims = parameters(model)
-    split = 2 * dims["q_dim"] + 4 * shape["intermediate_size"]
-    kv = 2 * kv_heads_per_gpu(model, tensor_parallel) * HEAD_DIM
+    split = 2 * dims["q_dim"] + 4 * shape.intermediate_size
+    kv = 2 * kv_heads_per_gpu(model, tensor_parallel) * shape.head_dim
     if tensor_parallel == 1:
-        return (4 * shape["hidden_size"] + split + kv) * BF16
-    return (4 * shape["hidden_size"] + split / tensor_parallel + kv) * BF16
+        return (4 * shape.hidden_size + split + kv) * BF16
+    return (4 * shape.hidden_size + split / tensor_parallel + kv) * BF16
 
 
 def budget(work: Workload, gpu_gib: float, shard_size: int = 1) -> dict[str, float]:
     """Every line of the budget, GiB per GPU; ``shard_size`` > 1: FSDP2 over that many GPUs (1: DDP)."""
-    shape = QWEN3_SHAPES[work.model]
+    shape = shape_of(work.model)
     dims = parameters(work.model)
     tp = work.tensor_parallel
     weights = dims["total"] * BF16 / GIB
@@ -203,9 +252,7 @@ def budget(work: Workload, gpu_gib: float, shard_size: int = 1) -> dict[str, flo
     trainer_weights = weights if shard_size == 1 else (weights - head) / shard_size + head
     gathered = 0.0  # what FSDP2 all-gathers during a step: 2 layers, and the root's own embedding if untied
     if shard_size > 1:
-        gathered = (
-            (2 * dims["per_layer"] + (0 if shape["tie_embeddings"] else dims["embedding"])) * BF16 / GIB
-        )
+        gathered = (2 * dims["per_layer"] + (0 if shape.tie_embeddings else dims["embedding"])) * BF16 / GIB
     lora = lora_parameters(work.model, work.lora_rank, work.lora_targets) / shard_size
     student_adapter = lora * (FP32 + FP32 + 2 * FP32) / GIB  # weight, gradient, AdamW moments
     teacher_adapter = lora * FP32 / GIB if work.teacher_adapter else 0.0
@@ -213,16 +260,17 @@ def budget(work: Workload, gpu_gib: float, shard_size: int = 1) -> dict[str, flo
     teacher_tokens = work.sequences * (
         work.prompt_tokens + work.teacher_extra_tokens + work.completion_tokens
     )
-    checkpoints = student_tokens * shape["num_layers"] * shape["hidden_size"] * BF16 / GIB
+    checkpoints = student_tokens * shape.num_layers * shape.hidden_size * BF16 / GIB
     recompute = student_tokens * layer_activation_bytes_per_token(work.model) / GIB
     teacher_pass = teacher_tokens * layer_activation_bytes_per_token(work.model) / GIB  # no grad: one layer
-    vocabulary = 4 * work.logit_chunk * VOCAB_CHUNK * FP32 / GIB  # logits + weights buffers, both sides
-    completion_hidden = 2 * work.sequences * work.completion_tokens * shape["hidden_size"] * FP32 / GIB
+    vocab_block = min(VOCAB_CHUNK, shape.vocab_size)
+    vocabulary = 4 * work.logit_chunk * vocab_block * FP32 / GIB  # logits + weights buffers, both sides
+    completion_hidden = 2 * work.sequences * work.completion_tokens * shape.hidden_size * FP32 / GIB
     activations = checkpoints + max(recompute, teacher_pass) + vocabulary + completion_hidden
     vllm_share = work.utilization * gpu_gib
     vllm_activations = (
         work.max_num_batched_tokens * layer_activation_bytes_per_token(work.model, tp)
-        + work.max_num_seqs * QWEN3_VOCAB_SIZE * FP32 * 2
+        + work.max_num_seqs * shape.vocab_size * FP32 * 2
     ) / GIB
     kv_cache = vllm_share - vllm_weights - vllm_activations - GRAPH_GIB
     kv_token = kv_bytes_per_token(work.model, tp)  # this GPU's share of a token's KV
