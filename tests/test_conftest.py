@@ -36,6 +36,8 @@ def test_an_installed_but_broken_vllm_fails_the_session_with_the_import_error(tm
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",  # in one process: the session's own collection must fail, not a worker's
             "-c",
             str(REPO / "pyproject.toml"),
             "--rootdir",
