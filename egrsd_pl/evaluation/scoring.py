@@ -291,7 +291,9 @@ def evaluate(
         verifier = AnswerVerifier()
     shards = {name: list(problems)[rank::world_size] for name, problems in benchmarks.items()}
     # Every rank numbers its calls alike, from the largest benchmark (ranks may hold fewer problems).
-    calls_of = {name: math.ceil(math.ceil(len(p) / world_size) / prompts_per_call) for name, p in benchmarks.items()}
+    calls_of = {
+        name: math.ceil(math.ceil(len(p) / world_size) / prompts_per_call) for name, p in benchmarks.items()
+    }
     calls_per_run = max(calls_of.values())
     total = sum(len(shard) * runs_of[name] for name, shard in shards.items())
     bar = _progress_bar(total, enabled=progress and rank == 0)
@@ -308,7 +310,11 @@ def evaluate(
                 )  # a rank may hold none
                 # A collective engine (vLLM over a tensor-parallel group): every rank makes the same calls,
                 # a rank with fewer problems empty ones.
-                calls = calls_of[name] if engine.generates_collectively else math.ceil(len(shard) / prompts_per_call)
+                calls = (
+                    calls_of[name]
+                    if engine.generates_collectively
+                    else math.ceil(len(shard) / prompts_per_call)
+                )
                 for call, start in enumerate(range(0, calls * prompts_per_call, prompts_per_call)):
                     chunk = shard[start : start + prompts_per_call]
                     stream = (bench_index * calls_per_run + call) * world_size + rank
